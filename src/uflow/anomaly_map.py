@@ -1,0 +1,33 @@
+"""Phase 3: the likelihood anomaly map and the image score.
+
+Per scale l, p_l = exp(-mean_c z^2 / 2) is the per-pixel likelihood (up to the
+normalising constant) of the latent under N(0, I); the anomaly map is
+1 - mean_l p_l after upsampling every p_l to the output size, so it lies in
+[0, 1] with 0 meaning "perfectly normal".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def likelihood_map(latents: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly map (B, H, W) in [0, 1] at ``size`` from per-scale latents (B, C_l, H_l, W_l)."""
+    total = None
+    for z in latents:
+        p = torch.exp(-0.5 * z.float().pow(2).mean(dim=1, keepdim=True))
+        p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+        total = p if total is None else total + p
+    assert total is not None, "at least one scale is needed"
+    return (1.0 - total / len(latents)).squeeze(1)
+
+
+def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """Image score (B,): the maximum of the anomaly map, as in the reference method."""
+    return anomaly_map.flatten(1).amax(dim=1)
+
+
+def chi2_statistics(latents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-scale sum over channels of z^2 (B, H_l, W_l): chi-square with C_l degrees of freedom under normality."""
+    return [z.float().pow(2).sum(dim=1) for z in latents]

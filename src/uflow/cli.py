@@ -1,0 +1,158 @@
+"""Command line: ``uflow fit``, ``uflow predict``, ``uflow demo``.
+
+Problems with the user's data or models print one line, ``uflow: error: ...``,
+and exit with status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .errors import UFlowError
+from .segmentation import TEST_COUNTS
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
+    p.add_argument("--weights", default=None, metavar="PATH", help="backbone weights file (state dict; for mcait two files, comma separated)")
+    p.add_argument("--no-download", action="store_true", help="never try timm's download of backbone weights")
+
+
+def _add_segmentation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epsilon", type=float, default=1.0, help="expected false detections per normal image allowed (default 1)")
+    p.add_argument("--no-segmentation", action="store_true", help="skip the a contrario segmentation (maps and scores only)")
+    p.add_argument(
+        "--test-count",
+        choices=TEST_COUNTS,
+        default="per_size",
+        help="number of tests: per_size (default, epsilon spread over region sizes) or paper (one count for all regions)",
+    )
+    p.add_argument(
+        "--null",
+        choices=("calibrated", "theoretical"),
+        default="calibrated",
+        help="null distribution of the per-pixel statistic: calibrated on held-out normal images (default) or chi2(C)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uflow", description="U-Flow anomaly detection and segmentation from normal images only.")
+    parser.add_argument("--version", action="version", version=f"uflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="train on normal images", description="Train a U-Flow model on normal images and save it to a run folder.")
+    fit.add_argument("data", help="MVTec-style category folder (uses train/good) or a folder of normal images")
+    fit.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write the model into")
+    fit.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES), help=f"feature extractor (default {DEFAULT_BACKBONE})")
+    fit.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's own)")
+    fit.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60)")
+    fit.add_argument("--batch-size", type=int, default=16)
+    fit.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation NLL")
+    fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images held out for validation (default 0.15)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common_model_args(fit)
+
+    pred = sub.add_parser(
+        "predict",
+        help="score images with a trained model",
+        description="Write, per image, an overlay PNG, the raw anomaly map (.npy) and the mask PNG, mirroring the input folders, plus results.csv and results.json.",
+    )
+    pred.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'uflow fit'")
+    pred.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (searched recursively) or glob patterns")
+    pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_segmentation_args(pred)
+    _add_common_model_args(pred)
+
+    demo = sub.add_parser(
+        "demo",
+        help="end-to-end run on bundled real textures (no download)",
+        description="Build a small MVTec-style dataset from scikit-image's real textures with synthetic defects, fit, and predict.",
+    )
+    demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default demo_output)")
+    demo.add_argument("--category", default="brick", choices=["brick", "grass", "gravel"])
+    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _cmd_fit(args: argparse.Namespace) -> None:
+    from .train import fit
+
+    model = fit(
+        args.data,
+        args.out,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        device=args.device,
+        weights=args.weights,
+        allow_download=not args.no_download,
+        progress=not args.quiet,
+    )
+    t = model.training
+    print(
+        f"trained {model.backbone} on {t['n_train']} images ({t['n_val']} held out): best epoch {t['best_epoch']}/{t['epochs_run']}, "
+        f"val NLL {t['best_val_nll']:.4f} nats/dim, {t['seconds']} s; model in {args.out}"
+    )
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .images import resolve_inputs
+    from .model import load
+    from .outputs import write_predictions
+
+    model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
+    paths = resolve_inputs(args.images)
+    stream = model.iter_predict(
+        paths, batch_size=args.batch_size, segmentation=not args.no_segmentation, epsilon=args.epsilon, test_count=args.test_count, null=args.null
+    )
+    stream = tqdm(stream, total=len(paths), desc="predict", unit="img", disable=args.quiet)
+    meta = {
+        "model": str(Path(args.run_dir).resolve()),
+        "segmentation": not args.no_segmentation,
+        "epsilon": args.epsilon,
+        "test_count": args.test_count,
+        "null": args.null,
+    }
+    rows = write_predictions(stream, paths, Path(args.out), (model.calibration.display_low, model.calibration.display_high), meta)
+    flagged = sum(r["label"] == "anomalous" for r in rows)
+    print(f"{len(rows)} images, {flagged} anomalous; results in {Path(args.out) / 'results.csv'}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), category=args.category, epochs=args.epochs, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "demo": _cmd_demo}
+    try:
+        handlers[args.command](args)
+    except UFlowError as exc:
+        print(f"uflow: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("uflow: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Finding, reading and validating images.
+
+Industrial cameras deliver 8-bit and 16-bit monochrome as often as RGB, so
+gray, 16-bit and palette images are converted exactly (16-bit is scaled by its
+full range, not clipped). What cannot be converted without guessing - real
+transparency, float or CMYK data, truncated files - is refused with a message
+naming the file.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from .errors import UFlowError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Never let PIL pad a truncated file with gray: a truncated image is an error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """All image files under ``folder``, sorted, refusing an empty or missing folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UFlowError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise UFlowError(f"{folder}: is not a folder")
+    pattern = "**/*" if recursive else "*"
+    found = sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p))
+    if not found:
+        raise UFlowError(f"{folder}: contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list."""
+    if not inputs:
+        raise UFlowError("no input images given")
+    result: dict[Path, None] = {}
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            matches: Iterable[Path] = list_images(path)
+        elif path.is_file():
+            if not is_image_file(path):
+                raise UFlowError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+            matches = [path]
+        elif glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if is_image_file(Path(p)) and Path(p).is_file())
+            if not matches:
+                raise UFlowError(f"{text}: pattern matches no images")
+        else:
+            raise UFlowError(f"{text}: no such file or folder")
+        for match in matches:
+            result.setdefault(match, None)
+    return list(result)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
+
+    Raises :class:`UFlowError` naming the file for anything unreadable or ambiguous.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb_float(img, path)
+    except UFlowError:
+        raise
+    except FileNotFoundError:
+        raise UFlowError(f"{path}: no such file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in reason.lower():
+            reason = "file is truncated"
+        raise UFlowError(f"{path}: cannot read image ({reason})") from None
+
+
+def _to_rgb_float(img: Image.Image, path: Path) -> np.ndarray:
+    mode = img.mode
+    if img.width < 2 or img.height < 2:
+        raise UFlowError(f"{path}: image is {img.width}x{img.height} pixels, too small")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(img, dtype=np.float64)
+        if gray.min() < 0 or gray.max() > 65535:
+            raise UFlowError(f"{path}: 32-bit integer image with values outside 0..65535 is not supported")
+        full_scale = 65535.0 if mode != "I" or gray.max() > 255 else 255.0
+        gray = (gray / full_scale).astype(np.float32)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise UFlowError(f"{path}: floating-point images are not supported; save as 8- or 16-bit")
+    if mode == "CMYK":
+        raise UFlowError(f"{path}: CMYK images are not supported; convert to RGB first")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        if rgba[:, :, 3].min() < 255:
+            raise UFlowError(
+                f"{path}: image has transparent pixels, whose colour is undefined; flatten it onto a background first"
+            )
+        return rgba[:, :, :3].astype(np.float32) / 255.0
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb

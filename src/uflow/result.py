@@ -1,0 +1,45 @@
+"""The typed result of a prediction, one per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .segmentation import Region
+
+
+@dataclass
+class Prediction:
+    """What U-Flow says about one image.
+
+    ``anomaly_map`` is (H, W) in [0, 1] at the input image's size; ``score`` is
+    its maximum. With segmentation on, ``log10_nfa`` is the per-pixel log10
+    Number of False Alarms (inf where no candidate region covers the pixel),
+    ``mask`` is ``log10_nfa < log10(epsilon)`` and ``regions`` the detections;
+    ``label`` is "anomalous" when there is at least one detection. Without
+    segmentation the label compares ``score`` with the threshold set on
+    held-out normal images at training time.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    label: str
+    path: Path | None = None
+    mask: np.ndarray | None = None
+    log10_nfa: np.ndarray | None = None
+    regions: list[Region] = field(default_factory=list)
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.label == "anomalous"
+
+    def summary(self) -> dict:
+        """JSON-ready summary (no arrays)."""
+        return {
+            "path": str(self.path) if self.path is not None else None,
+            "score": round(float(self.score), 6),
+            "label": self.label,
+            "regions": [r.to_dict() for r in self.regions],
+        }

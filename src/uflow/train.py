@@ -1,0 +1,230 @@
+"""Training: cache features once, fit the flow by maximum likelihood, select on held-out normal images.
+
+The backbone is frozen and there is no augmentation, so every image's
+features are computed exactly once. A seeded slice of the normal images is
+held out; early stopping and the choice of the checkpoint use only its
+negative log-likelihood. No anomalous image is ever seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_BACKBONE, WeightsArg, build_feature_extractor
+from .errors import UFlowError
+from .flow import FlowConfig, UFlow, negative_log_likelihood
+from .images import list_images, resolve_inputs
+from .model import Calibration, UFlowModel, as_float_image, resolve_device, to_model_input
+from .anomaly_map import chi2_statistics, image_score, likelihood_map
+
+MIN_IMAGES = 3
+
+
+def training_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Normal images for training: ``DATA/train/good`` of an MVTec-style category, else the folder itself."""
+    if isinstance(data, (str, os.PathLike)):
+        root = Path(data)
+        mvtec_train = root / "train" / "good"
+        if mvtec_train.is_dir():
+            return list_images(mvtec_train)
+        return list_images(root)
+    return resolve_inputs(list(data))
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: torch.nn.Module, paths: Sequence[Path], image_size: int, device: torch.device, batch_size: int, square: bool, progress: bool
+) -> list[torch.Tensor]:
+    """Per-scale features of every image, stacked on the CPU: list of (N, C, H, W)."""
+    per_scale: list[list[torch.Tensor]] = []
+    bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        batch = torch.stack([to_model_input(as_float_image(p, square=square)[0], image_size) for p in chunk]).to(device)
+        maps = extractor(batch)
+        if not per_scale:
+            per_scale = [[] for _ in maps]
+        for store, m in zip(per_scale, maps):
+            store.append(m.float().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return [torch.cat(s) for s in per_scale]
+
+
+def fit(
+    data: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    image_size: int | None = None,
+    epochs: int = 60,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-5,
+    val_fraction: float = 0.15,
+    patience: int = 10,
+    n_steps: int = 4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    weights: WeightsArg = None,
+    allow_download: bool = True,
+    progress: bool = True,
+) -> UFlowModel:
+    """Train a U-Flow model on normal images and (if ``out`` is given) save it there.
+
+    ``data`` is an MVTec-style category folder (``train/good`` is used), a plain
+    folder of normal images, or a list of image paths. The best epoch by
+    validation NLL on held-out normal images is kept. A non-finite loss stops
+    training; the best model so far is saved and :class:`UFlowError` raised.
+    """
+    started = time.perf_counter()
+    paths = training_images(data)
+    if len(paths) < MIN_IMAGES:
+        raise UFlowError(f"{data}: {len(paths)} normal image(s) found, at least {MIN_IMAGES} are needed (some are held out for validation)")
+    if not 0 < val_fraction < 1:
+        raise UFlowError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+    if epochs < 1 or batch_size < 1:
+        raise UFlowError("epochs and batch size must be at least 1")
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+
+    order = torch.randperm(len(paths), generator=generator).tolist()
+    n_val = max(1, int(round(val_fraction * len(paths))))
+    val_paths = [paths[i] for i in sorted(order[:n_val])]
+    train_paths = [paths[i] for i in sorted(order[n_val:])]
+
+    extractor = build_feature_extractor(backbone, image_size, weights, allow_download).to(dev)
+    size = extractor.image_size
+    square = extractor.spec.fixed_image_size
+    train_feats = extract_features(extractor, train_paths, size, dev, batch_size, square, progress)
+    val_feats = extract_features(extractor, val_paths, size, dev, batch_size, square, progress)
+
+    flow_config = FlowConfig(feature_channels=tuple(f.shape[1] for f in train_feats), n_steps=n_steps, permutation_seed=seed)
+    flow = UFlow(flow_config).to(dev)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+    dims = sum(f[0].numel() for f in train_feats)
+    # Report NLL per dimension with the Gaussian constant, so N(0, 1) data scores log(2 pi) / 2 = 0.919.
+    constant = 0.5 * math.log(2 * math.pi)
+
+    def validation_nll() -> float:
+        flow.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(val_paths), batch_size):
+                batch = [f[start : start + batch_size].to(dev) for f in val_feats]
+                z, log_det = flow(batch)
+                total += negative_log_likelihood(z, log_det).sum().item()
+        return total / (len(val_paths) * dims) + constant
+
+    best_state: dict[str, torch.Tensor] | None = None
+    best_nll, best_epoch, epochs_run = math.inf, 0, 0
+    stopped = "max_epochs"
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress)
+    diverged: str | None = None
+    try:
+        for epoch in bar:
+            flow.train()
+            perm = torch.randperm(len(train_paths), generator=generator)
+            running, seen = 0.0, 0
+            for start in range(0, len(perm), batch_size):
+                idx = perm[start : start + batch_size]
+                batch = [f[idx].to(dev, non_blocking=True) for f in train_feats]
+                z, log_det = flow(batch)
+                loss = negative_log_likelihood(z, log_det).mean()
+                if not torch.isfinite(loss):
+                    diverged = f"training loss became {loss.item()} at epoch {epoch}"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += loss.item() * len(idx)
+                seen += len(idx)
+            if diverged:
+                break
+            val_nll = validation_nll()
+            if not math.isfinite(val_nll):
+                diverged = f"validation NLL became {val_nll} at epoch {epoch}"
+                break
+            epochs_run = epoch
+            train_nll = running / (seen * dims) + constant
+            history.append({"epoch": epoch, "train_nll": round(train_nll, 5), "val_nll": round(val_nll, 5)})
+            if val_nll < best_nll - 1e-4:
+                best_nll, best_epoch = val_nll, epoch
+                best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            bar.set_postfix(loss=f"{train_nll:.4f}", val_nll=f"{val_nll:.4f}", best=best_epoch)
+            if epoch - best_epoch >= patience:
+                stopped = "early_stopping"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+    if diverged:
+        stopped = "diverged"
+    if best_state is None:
+        raise UFlowError(f"{diverged or 'training stopped'} before any epoch finished; nothing saved (try a lower --lr)")
+    flow.load_state_dict(best_state)
+    flow.eval()
+
+    calibration = _calibrate(extractor, flow, val_feats, size, dev, batch_size)
+    training = {
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(paths)} files",
+        "n_train": len(train_paths),
+        "n_val": len(val_paths),
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "best_val_nll": round(best_nll, 6),
+        "stopped": stopped,
+        "seed": seed,
+        "lr": lr,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": str(dev),
+        "history": history,
+    }
+    model = UFlowModel(extractor, flow, calibration, training, dev)
+    if out is not None:
+        model.save(out)
+    if diverged:
+        where = f" in {out}" if out is not None else ""
+        raise UFlowError(f"{diverged}; kept the best model (epoch {best_epoch}, val NLL {best_nll:.4f}){where}; try a lower --lr")
+    if stopped == "interrupted":
+        raise KeyboardInterrupt
+    return model
+
+
+@torch.no_grad()
+def _calibrate(extractor, flow: UFlow, val_feats: list[torch.Tensor], size: int, dev: torch.device, batch_size: int) -> Calibration:
+    """Image-score threshold and display range from held-out normal images."""
+    scores, medians = [], []
+    stats: list[list[torch.Tensor]] = [[] for _ in val_feats]
+    n = val_feats[0].shape[0]
+    for start in range(0, n, batch_size):
+        z, _ = flow([f[start : start + batch_size].to(dev) for f in val_feats])
+        maps = likelihood_map(z, (size, size))
+        scores.append(image_score(maps).cpu())
+        medians.append(maps.flatten(1).median(dim=1).values.cpu())
+        for store, s in zip(stats, chi2_statistics(z)):
+            store.append(s.flatten().double().cpu())
+    score = torch.cat(scores)
+    low = float(torch.cat(medians).median())
+    high = float(score.max())
+    scales, dofs = [], []
+    for store in stats:
+        s = torch.cat(store)
+        mean, var = s.mean().item(), s.var().item()
+        # Moment match S ~ a * chi2(nu): mean a * nu, variance 2 a^2 nu.
+        scales.append(var / (2 * mean))
+        dofs.append(2 * mean * mean / var)
+    return Calibration(score_threshold=high, display_low=low, display_high=max(high, low + 1e-6), chi2_scale=scales, chi2_dof=dofs)

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small real-texture dataset and one model trained on it, reused across tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a download for a minute
+
+import uflow  # noqa: E402
+from uflow.textures import make_texture_dataset  # noqa: E402
+
+SMALL = dict(image_size=64, epochs=3, batch_size=8, progress=False, allow_download=False)
+
+
+@pytest.fixture(scope="session")
+def texture_root(tmp_path_factory) -> Path:
+    return make_texture_dataset(tmp_path_factory.mktemp("textures"), categories=("brick",), n_train=16, n_good=3, n_per_defect=1, size=96)
+
+
+@pytest.fixture(scope="session")
+def brick(texture_root) -> Path:
+    return texture_root / "brick"
+
+
+@pytest.fixture(scope="session")
+def run_dir(brick, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    uflow.fit(brick, out, **SMALL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(run_dir):
+    return uflow.load(run_dir, allow_download=False)
