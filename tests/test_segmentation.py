@@ -1,0 +1,122 @@
+"""The a contrario segmentation, tested as a statistical procedure."""
+
+import numpy as np
+import pytest
+from scipy import stats
+from skimage.morphology import max_tree
+
+from uflow.segmentation import _log_upper_gamma_cf, build_max_tree, chi2_log_sf, log10_paper_test_count, segment
+
+
+def _chi2_maps(rng, batch, channels, side, scale=1.0):
+    z = rng.standard_normal((batch, channels, side, side)) * scale
+    return (z**2).sum(axis=1)
+
+
+@pytest.mark.parametrize("dof", [1, 2, 7, 30, 56, 192, 816])
+def test_log_survival_matches_scipy_on_a_grid(dof):
+    x = np.linspace(0, 6 * dof + 40, 400)
+    ours = chi2_log_sf(x, dof)
+    ref = stats.chi2.logsf(x, dof)
+    finite = np.isfinite(ref)
+    assert np.allclose(ours[finite], ref[finite], rtol=1e-10, atol=1e-12)
+    assert np.isfinite(ours).all(), "no underflow to -inf in the far tail"
+    assert np.all(np.diff(ours) <= 1e-12), "a survival function is non-increasing"
+
+
+@pytest.mark.parametrize("dof", [4, 30, 192])
+def test_continued_fraction_agrees_with_scipy_where_both_are_valid(dof):
+    # Q in [1e-250, 1e-100]: scipy is still finite, and this is where the far-tail branch takes over.
+    x = np.array([stats.chi2.isf(10.0**-k, dof) for k in (100, 150, 200, 250)])
+    ref = stats.chi2.logsf(x, dof)
+    assert np.allclose(_log_upper_gamma_cf(dof / 2, x / 2), ref, rtol=1e-10)
+
+
+def test_chernoff_misfire_is_gone_below_the_mean():
+    # For m <= C the exact tail probability is large; the reference bound claimed it was tiny.
+    assert chi2_log_sf(np.array([20.0, 30.0]), 30).min() > np.log(0.4)
+
+
+def test_max_tree_is_scikit_images_max_tree():
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (7, 5), (3, 9)]:
+        for ties in (False, True):
+            image = rng.random(shape) * 10
+            image = np.round(image) if ties else image
+            parent, traverser, area = build_max_tree(image)
+            ref_parent, ref_traverser = max_tree(image, connectivity=1)
+            assert np.array_equal(parent, ref_parent.ravel())
+            assert np.array_equal(traverser, ref_traverser)
+            assert area[traverser[0]] == image.size
+
+
+def test_paper_test_count_is_astronomical():
+    assert log10_paper_test_count([(28, 28), (14, 14)]) == pytest.approx(477, abs=1.5)
+
+
+@pytest.mark.parametrize("mode", ["per_size", "paper"])
+@pytest.mark.parametrize("side,channels", [(16, 8), (32, 30), (14, 192), (64, 24)])
+@pytest.mark.parametrize("epsilon", [1.0, 100.0])
+def test_false_alarms_on_pure_noise_are_at_most_epsilon(mode, side, channels, epsilon):
+    rng = np.random.default_rng(side * 1000 + channels)
+    batch = 150 if side < 64 else 60
+    maps = _chi2_maps(rng, batch, channels, side)
+    results = segment([maps], [channels], [(side, side)] * batch, epsilon=epsilon, test_count=mode)
+    mean_detections = np.mean([len(r.regions) for r in results])
+    assert mean_detections <= epsilon
+
+
+def test_multi_scale_false_alarms_stay_below_epsilon():
+    rng = np.random.default_rng(7)
+    batch = 80
+    maps = [_chi2_maps(rng, batch, c, s) for c, s in ((30, 32), (30, 16), (56, 8))]
+    results = segment(maps, [30, 30, 56], [(128, 128)] * batch, epsilon=10.0)
+    assert np.mean([len(r.regions) for r in results]) <= 10.0
+
+
+@pytest.mark.parametrize("scale", [0.9, 1.1])
+def test_uniformly_mis_scaled_latents_do_not_flag_whole_images(scale):
+    rng = np.random.default_rng(11)
+    batch = 40
+    maps = [_chi2_maps(rng, batch, 30, 32, scale), _chi2_maps(rng, batch, 56, 16, scale)]
+    results = segment(maps, [30, 56], [(128, 128)] * batch)
+    worst = max(r.mask.mean() for r in results)
+    assert worst < 0.5
+    if scale < 1:
+        assert all(not r.regions for r in results), "smaller-than-normal latents carry no evidence of anomaly"
+
+
+def test_planted_region_with_inflated_variance_is_found_with_its_area():
+    rng = np.random.default_rng(5)
+    batch, side, channels = 30, 32, 30
+    z = rng.standard_normal((batch, channels, side, side))
+    z[:, :, 10:16, 20:26] *= np.sqrt(1.5)  # 36 pixels, variance x1.5
+    results = segment([(z**2).sum(axis=1)], [channels], [(128, 128)] * batch)
+    truth = np.zeros((128, 128), bool)
+    truth[40:64, 80:104] = True
+    found = [r for r in results if (r.mask & truth).sum() > 0]
+    assert len(found) >= 0.8 * batch
+    for r in found:
+        assert r.mask[~truth].mean() < 0.02, "detections stay on the planted region"
+    ratios = [r.mask.sum() / truth.sum() for r in found]
+    # The most significant node of a branch is the core of the region: measured median 25-40% of it.
+    assert 0.15 < np.median(ratios) < 1.5, "the detected area is on the scale of the planted area"
+
+
+def test_outputs_are_consistent():
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((2, 20, 16, 16))
+    z[0, :, 4:9, 4:9] *= 2.0
+    maps = [(z**2).sum(axis=1)]
+    results = segment(maps, [20], [(48, 64), (16, 16)], epsilon=1.0)
+    first = results[0]
+    assert first.log10_nfa.shape == (48, 64) and first.mask.shape == (48, 64)
+    assert np.array_equal(first.mask, first.log10_nfa < 0)
+    assert first.regions, "the planted region must be detected"
+    r = first.regions[0]
+    x0, y0, x1, y1 = r.bbox
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
+    assert r.log10_nfa < 0 and r.scale == 0
+    assert first.mask[y0:y1, x0:x1].sum() >= r.area
+    with pytest.raises(ValueError):
+        segment(maps, [20], [(16, 16)] * 2, epsilon=0)
