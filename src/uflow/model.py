@@ -157,13 +157,19 @@ class UFlowModel:
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
     ) -> Iterator[Prediction]:
-        """Like :meth:`predict` but yields as batches finish, so outputs can be written while the rest runs."""
+        """Like :meth:`predict` but yields as batches finish, so outputs can be written while the rest runs.
+
+        Options are checked at once, not when the first result is asked for.
+        """
         if epsilon <= 0:
             raise UFlowError(f"epsilon must be positive, got {epsilon}")
         if test_count not in TEST_COUNTS:
             raise UFlowError(f"test count must be one of {', '.join(TEST_COUNTS)}, got {test_count!r}")
         if null not in NULLS:
             raise UFlowError(f"null must be one of {', '.join(NULLS)}, got {null!r}")
+        return self._stream(images, batch_size, segmentation, epsilon, test_count, null)
+
+    def _stream(self, images, batch_size, segmentation, epsilon, test_count, null) -> Iterator[Prediction]:
         square = self.extractor.spec.fixed_image_size
         pending: list[tuple[np.ndarray, Path | None]] = []
         for image in images:

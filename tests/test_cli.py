@@ -1,0 +1,80 @@
+"""The command line end to end, in fresh processes, on real texture images."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def uflow_cli(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "uflow", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["fit"], ["predict"], ["demo"]):
+        res = uflow_cli(*cmd, "--help")
+        assert res.returncode == 0 and "usage: uflow" in res.stdout
+
+
+def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
+    run = tmp_path / "run"
+    res = uflow_cli("fit", brick, "--out", run, "--image-size", "64", "--epochs", "2", "--quiet", "--no-download")
+    assert res.returncode == 0, res.stderr
+    assert "best epoch" in res.stdout and (run / "uflow.json").is_file()
+
+    out = tmp_path / "pred"
+    res = uflow_cli("predict", run, brick / "test", "--out", out, "--quiet", "--no-download")
+    assert res.returncode == 0, res.stderr
+    for sub in ("good", "blob", "scratch"):
+        assert (out / sub / "000_overlay.png").is_file()
+        assert np.load(out / sub / "000_map.npy").shape == (96, 96)
+        assert (out / sub / "000_mask.png").is_file()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    n_images = len(list((brick / "test").rglob("*.png")))
+    assert len(rows) == n_images and {r["label"] for r in rows} <= {"normal", "anomalous"}
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["images"]) == n_images and summary["epsilon"] == 1.0
+    assert len({r["outputs"]["map"] for r in summary["images"]}) == n_images, "same-named files never collide"
+    overlay = np.asarray(Image.open(out / "good" / "000_overlay.png"))
+    assert overlay.shape == (96, 96, 3)
+    assert not list(out.glob(".uflow-partial-*"))
+
+    res = uflow_cli("predict", run, brick / "test" / "good" / "000.png", "--out", tmp_path / "noseg", "--no-segmentation", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "noseg" / "000_mask.png").exists()
+
+
+def _one_line_error(res, *needles):
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("uflow: error:"), res.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_bad_inputs_fail_with_one_line_and_leave_no_results(run_dir, brick, tmp_path):
+    _one_line_error(uflow_cli("predict", tmp_path, brick / "test", "--out", tmp_path / "x"), "not a uflow model")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(uflow_cli("fit", empty, "--out", tmp_path / "r"), "contains no images")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    Image.open(brick / "test" / "good" / "000.png").save(bad / "a.png")
+    raw = (bad / "a.png").read_bytes()
+    (bad / "b.png").write_bytes(raw[: len(raw) // 3])
+    out = tmp_path / "out"
+    _one_line_error(uflow_cli("predict", run_dir, bad, "--out", out, "--quiet"), "b.png", "cannot read image")
+    assert not (out / "results.json").exists() and not (out / "a_overlay.png").exists()
+    assert not list(out.glob(".uflow-partial-*"))
+
+    _one_line_error(uflow_cli("predict", run_dir, tmp_path / "missing.png", "--out", out), "no such file")
+    _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", out, "--epsilon", "0"), "epsilon")
+    _one_line_error(uflow_cli("fit", brick, "--out", tmp_path / "r2", "--backbone", "resnet18", "--no-download", "--quiet"), "resnet18")

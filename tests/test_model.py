@@ -1,0 +1,110 @@
+"""Training, checkpoints and prediction through the Python API, on real texture images."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import uflow
+from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+from conftest import SMALL
+
+
+def test_fit_writes_a_complete_run_folder(run_dir):
+    config = json.loads((run_dir / CONFIG_NAME).read_text())
+    assert config["backbone"] == "tf_efficientnet_lite0" and config["image_size"] == 64
+    assert config["uflow_version"] == uflow.__version__
+    assert config["backbone_weights"][0]["kind"] == "package"
+    t = config["training"]
+    assert t["n_train"] + t["n_val"] == 16 and t["n_val"] >= 1
+    assert 1 <= t["best_epoch"] <= t["epochs_run"] and np.isfinite(t["best_val_nll"])
+    assert (run_dir / WEIGHTS_NAME).is_file()
+    assert not list(run_dir.glob(".*tmp")), "no temporary files left behind"
+
+
+def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, brick):
+    paths = sorted((brick / "test").rglob("*.png"))
+    preds = model.predict(paths, batch_size=4)
+    assert len(preds) == len(paths)
+    for p, path in zip(preds, paths):
+        assert p.path == path
+        assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
+        assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
+        assert p.score == pytest.approx(float(p.anomaly_map.max()))
+        assert p.mask.shape == (96, 96) and p.log10_nfa.shape == (96, 96)
+        assert p.label == ("anomalous" if p.regions else "normal")
+    no_seg = model.predict(paths[:2], segmentation=False)
+    assert no_seg[0].mask is None and no_seg[0].score == pytest.approx(preds[0].score, abs=1e-6)
+
+
+def test_arrays_and_gray_images_are_accepted_and_sized(model):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 255, (50, 70), dtype=np.uint8)
+    pred = model.predict(gray)[0]
+    assert pred.anomaly_map.shape == (50, 70) and pred.path is None
+
+
+def test_load_restores_identical_predictions(run_dir, model, brick):
+    again = uflow.load(run_dir, allow_download=False)
+    image = sorted((brick / "test" / "blob").glob("*.png"))[0]
+    a, b = model.predict(image)[0], again.predict(image)[0]
+    assert np.array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_training_is_reproducible(brick):
+    a = uflow.fit(brick, **{**SMALL, "epochs": 2})
+    b = uflow.fit(brick, **{**SMALL, "epochs": 2})
+    assert a.training["best_val_nll"] == b.training["best_val_nll"]
+
+
+def test_divergence_stops_with_a_clear_message_and_writes_nothing_false(brick, tmp_path):
+    with pytest.raises(uflow.UFlowError, match=r"training loss became (nan|inf) at epoch 1 .*nothing saved.*lower --lr"):
+        uflow.fit(brick, tmp_path / "run", **{**SMALL, "epochs": 5, "lr": 1e3})
+    assert not (tmp_path / "run" / CONFIG_NAME).exists()
+
+
+def test_too_few_images_are_refused(tmp_path, brick):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for p in sorted((brick / "train" / "good").glob("*.png"))[:2]:
+        shutil.copy(p, folder / p.name)
+    with pytest.raises(uflow.UFlowError, match="at least 3"):
+        uflow.fit(folder, **SMALL)
+
+
+def _copy_run(run_dir, tmp_path):
+    dest = tmp_path / "copy"
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def test_checkpoint_from_another_format_is_refused(run_dir, tmp_path):
+    dest = _copy_run(run_dir, tmp_path)
+    config = json.loads((dest / CONFIG_NAME).read_text())
+    config["format"] = 99
+    (dest / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(uflow.UFlowError, match="format 99"):
+        uflow.load(dest, allow_download=False)
+
+
+def test_checkpoint_for_another_backbone_is_refused(run_dir, tmp_path):
+    dest = _copy_run(run_dir, tmp_path)
+    config = json.loads((dest / CONFIG_NAME).read_text())
+    config["backbone"] = "resnet18"
+    (dest / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(uflow.UFlowError, match="backbone resnet18 gives"):
+        uflow.load(dest, allow_download=False)
+
+
+def test_mixed_or_missing_files_are_refused(run_dir, tmp_path):
+    dest = _copy_run(run_dir, tmp_path)
+    (dest / WEIGHTS_NAME).write_bytes(b"\0" * 100)
+    with pytest.raises(uflow.UFlowError, match="checksum differs"):
+        uflow.load(dest, allow_download=False)
+    (dest / WEIGHTS_NAME).unlink()
+    with pytest.raises(uflow.UFlowError, match="missing"):
+        uflow.load(dest, allow_download=False)
+    with pytest.raises(uflow.UFlowError, match="not a uflow model"):
+        uflow.load(tmp_path, allow_download=False)
