@@ -15,7 +15,6 @@ also lets features be cached once for all epochs.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import file_sha256
 from .errors import UFlowError
 
 WeightsArg = str | os.PathLike | Sequence[str | os.PathLike] | None
@@ -155,14 +155,6 @@ class WeightSource:
     sha256: str | None = None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UFlowError(f"{path}: weights file not found")
@@ -250,7 +242,7 @@ def load_pretrained(
     if weights_file is not None:
         weights_file = Path(weights_file)
         model.load_state_dict(_fit_state_dict(_read_state_dict(weights_file), model, arch, str(weights_file)))
-        return WeightSource("file", str(weights_file.resolve()), _file_sha256(weights_file))
+        return WeightSource("file", str(weights_file.resolve()), file_sha256(weights_file))
     if package is not None:
         try:
             path, detail = _package_weights(package)

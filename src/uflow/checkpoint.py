@@ -43,8 +43,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (backbone weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_run(run_dir: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -56,7 +61,7 @@ def save_run(run_dir: Path, state_dict: dict[str, torch.Tensor], config: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp)
-        digest = _sha256(Path(tmp))
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, run_dir / WEIGHTS_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,7 +93,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     weights_path = run_dir / WEIGHTS_NAME
     if not weights_path.is_file():
         raise UFlowError(f"{run_dir}: {WEIGHTS_NAME} is missing")
-    if _sha256(weights_path) != config.get("weights_sha256"):
+    if file_sha256(weights_path) != config.get("weights_sha256"):
         raise UFlowError(f"{weights_path}: does not match {CONFIG_NAME} (checksum differs); the run folder is corrupt or mixed")
     try:
         tensors = load_file(str(weights_path))
