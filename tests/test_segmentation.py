@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from skimage.morphology import max_tree
 
-from uflow.segmentation import _log_upper_gamma_cf, build_max_tree, chi2_log_sf, log10_paper_test_count, segment
+from uflow.segmentation import _log_upper_gamma_cf, build_max_tree, chi2_log_sf, correlation_area, log10_paper_test_count, segment
 
 
 def _chi2_maps(rng, batch, channels, side, scale=1.0):
@@ -120,3 +120,34 @@ def test_outputs_are_consistent():
     assert first.mask[y0:y1, x0:x1].sum() >= r.area
     with pytest.raises(ValueError):
         segment(maps, [20], [(16, 16)] * 2, epsilon=0)
+
+
+def _correlated_chi2_maps(rng, batch, channels, side, width):
+    """Latents that are N(0, 1) per element but averaged over a width x width window: correlated neighbours."""
+    from scipy.ndimage import uniform_filter
+
+    z = rng.standard_normal((batch, channels, side + 2 * width, side + 2 * width))
+    z = uniform_filter(z, size=(1, 1, width, width), mode="constant") * width  # unit variance again
+    z = z[:, :, width:-width, width:-width]
+    return (z**2).sum(axis=1)
+
+
+def test_correlation_area_is_one_for_independent_pixels_and_the_window_for_a_moving_average():
+    rng = np.random.default_rng(3)
+    assert correlation_area(_chi2_maps(rng, 16, 8, 32)) == pytest.approx(1.0, abs=0.15)
+    # The chi2 statistic of a 3x3 moving-average field has autocorrelation rho_z(h)^2, summing to 1 + 4(4/9)^2 ... = 3.57.
+    lags = np.array([1, 2 / 3, 1 / 3])
+    expected = float(np.outer(lags, lags)[np.ix_([2, 1, 0, 1, 2], [2, 1, 0, 1, 2])].__pow__(2).sum())
+    assert correlation_area(_correlated_chi2_maps(rng, 16, 8, 48, 3)) == pytest.approx(expected, rel=0.1)
+
+
+def test_correlated_noise_false_alarms_are_held_at_epsilon_only_with_the_correlation_area():
+    rng = np.random.default_rng(4)
+    channels, side = 16, 32
+    calibration = correlation_area(_correlated_chi2_maps(rng, 16, channels, side, 5))
+    maps = _correlated_chi2_maps(rng, 40, channels, side, 5)
+    sizes = [(side, side)] * len(maps)
+    naive = np.mean([len(s.regions) for s in segment([maps], [channels], sizes)])
+    corrected = np.mean([len(s.regions) for s in segment([maps], [channels], sizes, pixels_per_sample=[calibration])])
+    assert naive > 2.0, "correlated pixels treated as independent over-detect"
+    assert corrected <= 0.25

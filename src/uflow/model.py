@@ -92,6 +92,9 @@ class Calibration:
     # null then flags normal texture. None means the theoretical chi2(C).
     chi2_scale: list[float] | None = None
     chi2_dof: list[float] | None = None
+    # Per scale, pixels per independent sample of S on held-out normal images
+    # (see segmentation.correlation_area); None means independent pixels.
+    pixels_per_sample: list[float] | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -194,10 +197,12 @@ class UFlowModel:
         if segmentation:
             stats = [s.cpu().numpy() for s in chi2_statistics(latents)]
             dof: Sequence[float] = self.flow.latent_channels
+            pixels_per_sample = None
             if null == "calibrated" and self.calibration.chi2_scale is not None:
                 stats = [s / a for s, a in zip(stats, self.calibration.chi2_scale)]
                 dof = self.calibration.chi2_dof
-            segs = segment(stats, dof, sizes, epsilon=epsilon, test_count=test_count)
+                pixels_per_sample = self.calibration.pixels_per_sample
+            segs = segment(stats, dof, sizes, epsilon=epsilon, test_count=test_count, pixels_per_sample=pixels_per_sample)
         predictions = []
         for i, (_, path) in enumerate(items):
             if segs is not None:

@@ -148,6 +148,33 @@ def log10_test_count(area: np.ndarray, n_pixels: int, n_scales: int, mode: TestC
     )
 
 
+def correlation_area(stat_maps: np.ndarray, radius: int = 3) -> float:
+    """Pixels per independent sample of a stationary field, from maps of normal images (N, H, W).
+
+    The a contrario probability P(R) = sf(m)^|R| assumes the |R| pixels of a
+    region are independent. A trained flow's statistic maps are not: the
+    backbone's receptive fields overlap, so neighbours are correlated and a
+    region of |R| pixels carries about |R| / k independent observations, where
+    k = sum over lags of the autocorrelation (the variance inflation of a mean
+    over a correlated field). Lags are summed within ``radius`` pixels, where
+    the correlation has decayed on every backbone measured; k is at least 1.
+    """
+    x = np.asarray(stat_maps, dtype=np.float64)
+    n, h, w = x.shape
+    x = x - x.mean()
+    scale = x.std()
+    if not np.isfinite(scale) or scale == 0:
+        return 1.0
+    x = x / scale
+    spectrum = np.fft.rfft2(x, s=(2 * h, 2 * w))
+    autocov = np.fft.irfft2(spectrum * np.conj(spectrum), s=(2 * h, 2 * w)).sum(axis=0)
+    dy, dx = np.r_[0:h, -h:0], np.r_[0:w, -w:0]
+    pairs = (h - np.abs(dy))[:, None] * (w - np.abs(dx))[None, :]
+    rho = autocov / (n * np.maximum(pairs, 1))
+    window = (np.abs(dy)[:, None] <= radius) & (np.abs(dx)[None, :] <= radius)
+    return max(1.0, float(rho[window].sum()))
+
+
 # --------------------------------------------------------------------------- one scale, one image
 
 
@@ -216,7 +243,7 @@ def _depth_first_order(parent: np.ndarray, root: int, size: np.ndarray) -> np.nd
 
 
 def _detect_one(
-    stat: np.ndarray, dof: int, n_scales: int, mode: TestCount, paper_log10: float
+    stat: np.ndarray, dof: float, n_scales: int, mode: TestCount, paper_log10: float, pixels_per_sample: float = 1.0
 ) -> _ScaleDetections:
     values = np.ascontiguousarray(stat, dtype=np.float64).ravel()
     n = values.size
@@ -234,7 +261,7 @@ def _detect_one(
         csum = np.r_[0, np.cumsum(weights[order])]
         return csum[end] - csum[pos]
 
-    log_p = np.where(canonical, area * chi2_log_sf(values, dof), np.inf)
+    log_p = np.where(canonical, (area / pixels_per_sample) * chi2_log_sf(values, dof), np.inf)
     log10_nfa = np.where(
         canonical, log10_test_count(area, n, n_scales, mode, paper_log10) + log_p / _LN10, np.inf
     )
@@ -292,11 +319,14 @@ def segment(
     output_sizes: Sequence[tuple[int, int]],
     epsilon: float = 1.0,
     test_count: TestCount = "per_size",
+    pixels_per_sample: Sequence[float] | None = None,
 ) -> list[Segmentation]:
     """A contrario segmentation of a batch.
 
     ``chi2_maps[l]`` is (B, H_l, W_l): sum over the C_l = ``channels[l]`` latent
-    channels of z^2. Returns, per image, the log10 NFA map at its output size
+    channels of z^2. ``pixels_per_sample[l]`` (default 1: independent pixels)
+    divides each region's size when its probability is computed; see
+    :func:`correlation_area`. Returns, per image, the log10 NFA map at its output size
     (each scale upsampled by nearest neighbour, minimum over scales), the mask
     log10 NFA < log10 epsilon, and the detected regions sorted by NFA.
     """
@@ -313,7 +343,7 @@ def segment(
         regions: list[Region] = []
         for level, (maps, dof) in enumerate(zip(chi2_maps, channels)):
             h, w = maps.shape[1:]
-            found = _detect_one(np.asarray(maps[b]), dof, len(chi2_maps), test_count, paper_log10)
+            found = _detect_one(np.asarray(maps[b]), dof, len(chi2_maps), test_count, paper_log10, 1.0 if pixels_per_sample is None else pixels_per_sample[level])
             grid = np.full(h * w, np.inf, dtype=np.float32)
             if found.sizes.size:
                 offsets = np.repeat(found.starts - np.r_[0, np.cumsum(found.sizes)[:-1]], found.sizes)
