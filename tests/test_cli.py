@@ -16,7 +16,7 @@ def uflow_cli(*args, cwd=None):
 
 
 def test_help_on_every_command():
-    for cmd in ([], ["fit"], ["predict"], ["demo"]):
+    for cmd in ([], ["fit"], ["predict"], ["evaluate"], ["benchmark"], ["demo"]):
         res = uflow_cli(*cmd, "--help")
         assert res.returncode == 0 and "usage: uflow" in res.stdout
 
@@ -77,3 +77,25 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_results(run_dir, brick, tmp_
     _one_line_error(uflow_cli("predict", run_dir, tmp_path / "missing.png", "--out", out), "no such file")
     _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", out, "--epsilon", "0"), "epsilon")
     _one_line_error(uflow_cli("fit", brick, "--out", tmp_path / "r2", "--backbone", "resnet18", "--no-download", "--quiet"), "resnet18")
+
+
+def test_evaluate_prints_the_table_and_writes_the_report(run_dir, brick, tmp_path):
+    out = tmp_path / "eval"
+    res = uflow_cli("evaluate", run_dir, brick, "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "px AUROC" in res.stdout and "report.html" in res.stdout
+    assert json.loads((out / "metrics.json").read_text())["category"] == "brick"
+    _one_line_error(uflow_cli("evaluate", run_dir, tmp_path, "--quiet"), "no test folder")
+
+
+def test_benchmark_fits_and_evaluates_every_category(texture_root, tmp_path):
+    out = tmp_path / "bench"
+    res = uflow_cli("benchmark", texture_root, "--out", out, "--image-size", "64", "--epochs", "2", "--quiet", "--no-download")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("brick") for line in lines) and any(line.startswith("mean") for line in lines)
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert set(bench["categories"]) == {"brick"}
+    assert (out / "brick" / "run" / "uflow.json").is_file() and (out / "brick" / "report.html").is_file()
+    assert 'href="brick/report.html"' in (out / "report.html").read_text()
+    _one_line_error(uflow_cli("benchmark", tmp_path / "nothing", "--out", out, "--quiet"), "no such folder")

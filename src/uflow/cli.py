@@ -1,4 +1,4 @@
-"""Command line: ``uflow fit``, ``uflow predict``, ``uflow demo``.
+"""Command line: ``uflow fit``, ``predict``, ``evaluate``, ``benchmark`` and ``demo``.
 
 Problems with the user's data or models print one line, ``uflow: error: ...``,
 and exit with status 1; anything else is a bug and keeps its traceback.
@@ -22,9 +22,10 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true", help="never try timm's download of backbone weights")
 
 
-def _add_segmentation_args(p: argparse.ArgumentParser) -> None:
+def _add_segmentation_args(p: argparse.ArgumentParser, with_switch: bool = True) -> None:
     p.add_argument("--epsilon", type=float, default=1.0, help="expected false detections per normal image allowed (default 1)")
-    p.add_argument("--no-segmentation", action="store_true", help="skip the a contrario segmentation (maps and scores only)")
+    if with_switch:
+        p.add_argument("--no-segmentation", action="store_true", help="skip the a contrario segmentation (maps and scores only)")
     p.add_argument(
         "--test-count",
         choices=TEST_COUNTS,
@@ -71,14 +72,48 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segmentation_args(pred)
     _add_common_model_args(pred)
 
+    ev = sub.add_parser(
+        "evaluate",
+        help="metrics and report on an MVTec-style category",
+        description="Score test/good and test/<defect> of an MVTec-style category, compute pixel and image AUROC, AUPRO, "
+        "F1-max and mIoU (automatic, fair and oracle thresholds), write metrics.json and report.html and print the table. "
+        "Without a ground_truth folder only image metrics are computed.",
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'uflow fit'")
+    ev.add_argument("data", metavar="DATA", help="MVTec-style category folder")
+    ev.add_argument("--out", default=None, metavar="DIR", help="where metrics.json and report.html go (default: RUN_DIR)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--no-report", action="store_true", help="metrics.json only")
+    ev.add_argument("--quiet", action="store_true")
+    _add_segmentation_args(ev, with_switch=False)
+    _add_common_model_args(ev)
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="fit and evaluate every category under an MVTec-style root",
+        description="For each category under ROOT (folders with train/good and test): fit into OUT/<category>/run, "
+        "evaluate into OUT/<category>; print the per-category table with means and write OUT/benchmark.json and OUT/report.html.",
+    )
+    bench.add_argument("root", metavar="ROOT", help="MVTec-style root folder (one subfolder per category)")
+    bench.add_argument("--out", required=True, metavar="DIR")
+    bench.add_argument("--categories", default=None, help="comma-separated subset of categories")
+    bench.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES))
+    bench.add_argument("--image-size", type=int, default=None)
+    bench.add_argument("--epochs", type=int, default=60)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--quiet", action="store_true")
+    _add_segmentation_args(bench, with_switch=False)
+    _add_common_model_args(bench)
+
     demo = sub.add_parser(
         "demo",
         help="end-to-end run on bundled real textures (no download)",
-        description="Build a small MVTec-style dataset from scikit-image's real textures with synthetic defects, fit, and predict.",
+        description="Build a small MVTec-style dataset from scikit-image's real brick, grass and gravel photographs with "
+        "synthetic defects, fit and evaluate each, print the metrics table and write report.html.",
     )
     demo.add_argument("--out", default="demo_output", metavar="DIR", help="output folder (default demo_output)")
-    demo.add_argument("--category", default="brick", choices=["brick", "grass", "gravel"])
-    demo.add_argument("--epochs", type=int, default=40)
+    demo.add_argument("--categories", default="brick,grass,gravel", help="comma-separated subset of brick,grass,gravel")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs per category (default 30)")
     demo.add_argument("--quiet", action="store_true")
     return parser
 
@@ -134,15 +169,62 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"{len(rows)} images, {flagged} anomalous; results in {Path(args.out) / 'results.csv'}")
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+def _segmentation_options(args: argparse.Namespace) -> dict:
+    return {"epsilon": args.epsilon, "test_count": args.test_count, "null": args.null}
 
-    run_demo(Path(args.out), category=args.category, epochs=args.epochs, progress=not args.quiet)
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, format_table
+    from .model import load
+
+    model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
+    out = Path(args.out or args.run_dir)
+    result = evaluate(
+        model, args.data, out, batch_size=args.batch_size, report=not args.no_report, progress=not args.quiet, **_segmentation_options(args)
+    )
+    print(format_table([(result.category, result.metrics)]))
+    print(f"metrics: {out / 'metrics.json'}")
+    if not args.no_report:
+        print(f"report:  {(out / 'report.html').resolve()}")
+
+
+def _category_list(text: str | None) -> list[str] | None:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import run_benchmark
+
+    fit_options = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "device": args.device,
+        "weights": args.weights,
+        "allow_download": not args.no_download,
+    }
+    run_benchmark(
+        args.root, args.out, fit_options=fit_options, evaluate_options=_segmentation_options(args),
+        only=_category_list(args.categories), progress=not args.quiet,
+    )
+    print(f"report:  {(Path(args.out) / 'report.html').resolve()}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import DEMO_EPOCHS, run_demo
+    from .textures import CATEGORIES
+
+    chosen = tuple(_category_list(args.categories) or ())
+    unknown = sorted(set(chosen) - set(CATEGORIES))
+    if unknown or not chosen:
+        raise UFlowError(f"demo categories must be among {', '.join(CATEGORIES)}, got {args.categories!r}")
+    run_demo(Path(args.out), categories=chosen, epochs=args.epochs or DEMO_EPOCHS, progress=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "demo": _cmd_demo}
+    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
     try:
         handlers[args.command](args)
     except UFlowError as exc:

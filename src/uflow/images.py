@@ -113,3 +113,18 @@ def _to_rgb_float(img: Image.Image, path: Path) -> np.ndarray:
         return rgba[:, :, :3].astype(np.float32) / 255.0
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return rgb
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a ground-truth mask as a boolean (H, W) array: any non-zero pixel is defective."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            values = np.asarray(img.convert("L") if img.mode not in ("L", "1", "I;16", "I") else img)
+    except FileNotFoundError:
+        raise UFlowError(f"{path}: no such mask file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UFlowError(f"{path}: cannot read mask ({reason})") from None
+    return values > 0

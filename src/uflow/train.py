@@ -23,6 +23,7 @@ from .flow import FlowConfig, UFlow, negative_log_likelihood
 from .images import list_images, resolve_inputs
 from .model import Calibration, UFlowModel, as_float_image, resolve_device, to_model_input
 from .anomaly_map import chi2_statistics, image_score, likelihood_map
+from .segmentation import correlation_area
 
 MIN_IMAGES = 3
 
@@ -180,6 +181,8 @@ def fit(
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(paths)} files",
         "n_train": len(train_paths),
         "n_val": len(val_paths),
+        # Held-out normal images, so evaluation can set its "fair" threshold on images the flow never fit.
+        "val_images": [str(p.resolve()) for p in val_paths],
         "epochs_run": epochs_run,
         "best_epoch": best_epoch,
         "best_val_nll": round(best_nll, 6),
@@ -215,15 +218,23 @@ def _calibrate(extractor, flow: UFlow, val_feats: list[torch.Tensor], size: int,
         scores.append(image_score(maps).cpu())
         medians.append(maps.flatten(1).median(dim=1).values.cpu())
         for store, s in zip(stats, chi2_statistics(z)):
-            store.append(s.flatten().double().cpu())
+            store.append(s.double().cpu())
     score = torch.cat(scores)
     low = float(torch.cat(medians).median())
     high = float(score.max())
-    scales, dofs = [], []
+    scales, dofs, areas = [], [], []
     for store in stats:
         s = torch.cat(store)
         mean, var = s.mean().item(), s.var().item()
         # Moment match S ~ a * chi2(nu): mean a * nu, variance 2 a^2 nu.
         scales.append(var / (2 * mean))
         dofs.append(2 * mean * mean / var)
-    return Calibration(score_threshold=high, display_low=low, display_high=max(high, low + 1e-6), chi2_scale=scales, chi2_dof=dofs)
+        areas.append(correlation_area(s.numpy()))
+    return Calibration(
+        score_threshold=high,
+        display_low=low,
+        display_high=max(high, low + 1e-6),
+        chi2_scale=scales,
+        chi2_dof=dofs,
+        pixels_per_sample=areas,
+    )

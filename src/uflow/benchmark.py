@@ -1,0 +1,69 @@
+"""Fit and evaluate every category under an MVTec-style root; one table with means, as papers lay it out."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+from .errors import UFlowError
+from .evaluate import _json, evaluate, format_table
+from .report import write_benchmark_page
+from .train import fit
+
+
+def categories(root: str | os.PathLike) -> list[Path]:
+    """Category folders under ``root``: those with ``train/good`` and ``test``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UFlowError(f"{root}: no such folder")
+    found = sorted(d for d in root.iterdir() if (d / "train" / "good").is_dir() and (d / "test").is_dir())
+    if not found:
+        raise UFlowError(f"{root}: no MVTec-style categories (folders with train/good and test) found")
+    return found
+
+
+def run_benchmark(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fit_options: dict[str, Any] | None = None,
+    evaluate_options: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Fit ``out/<category>/run`` and evaluate into ``out/<category>`` for each category.
+
+    Writes ``out/benchmark.json`` and ``out/report.html`` (the table, linking
+    each category's report) and prints the table. Returns (category, metrics) rows.
+    """
+    out = Path(out)
+    folders = categories(root)
+    if only:
+        unknown = sorted(set(only) - {f.name for f in folders})
+        if unknown:
+            raise UFlowError(f"{root}: no category {', '.join(unknown)} (found {', '.join(f.name for f in folders)})")
+        folders = [f for f in folders if f.name in only]
+    rows, details, reports = [], {}, {}
+    for folder in folders:
+        started = time.perf_counter()
+        model = fit(folder, out / folder.name / "run", progress=progress, **(fit_options or {}))
+        result = evaluate(model, folder, out / folder.name, progress=progress, **(evaluate_options or {}))
+        rows.append((folder.name, result.metrics))
+        reports[folder.name] = f"{folder.name}/report.html"
+        details[folder.name] = {
+            "metrics": result.metrics,
+            "thresholds": result.thresholds,
+            "best_epoch": model.training["best_epoch"],
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        if progress:
+            print(f"{folder.name}: done in {details[folder.name]['seconds']} s", flush=True)
+    settings = {"root": str(Path(root).resolve()), "fit": fit_options or {}, "evaluate": evaluate_options or {}}
+    atomic_write_text(out / "benchmark.json", _json({"settings": settings, "categories": details}))
+    note = f"{len(rows)} categories from {Path(root).resolve()}; fit options {fit_options or 'default'}"
+    write_benchmark_page(out, rows, reports, note)
+    print(format_table(rows, with_mean=True))
+    return rows

@@ -1,0 +1,340 @@
+"""Evaluation on an MVTec-style category: the field's metrics, metrics.json and the HTML report.
+
+Images are scored at the model's input resolution and ground-truth masks are
+resized to it with nearest neighbour, as anomalib and the paper's code do, so
+an evaluation of hundreds of megapixel images stays small in memory. The
+"fair" threshold comes from the run's held-out normal images only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .checkpoint import atomic_write_text
+from .errors import UFlowError
+from .images import IMAGE_SUFFIXES, list_images, read_mask
+from .metrics import (
+    Curve,
+    aupro,
+    f1_max,
+    fair_threshold,
+    image_auroc,
+    image_roc,
+    iou_per_image,
+    miou_at,
+    miou_curve,
+    pixel_auroc,
+    pixel_roc,
+    pro_curve,
+)
+from .model import Null, UFlowModel, as_float_image, to_model_input
+from .segmentation import TestCount
+from .train import training_images
+
+GOOD = "good"
+
+
+@dataclass
+class TestImage:
+    """One test image of an MVTec-style category."""
+
+    path: Path
+    defect: str  # "good" for normal images
+    mask_path: Path | None = None
+
+    @property
+    def anomalous(self) -> bool:
+        return self.defect != GOOD
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}_mask", stem):  # MVTec-AD names masks <stem>_mask.png; BTAD and others <stem>.png
+        for suffix in IMAGE_SUFFIXES:
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def mvtec_test_set(category: str | os.PathLike) -> tuple[list[TestImage], bool]:
+    """The test images of ``category`` and whether it has ground-truth masks.
+
+    ``test/good`` holds normal images and every other ``test/<defect>`` folder
+    anomalous ones. With a ``ground_truth`` folder, every anomalous image must
+    have its mask ``ground_truth/<defect>/<stem>_mask.png``; without one only
+    image-level metrics are computed.
+    """
+    root = Path(category)
+    test = root / "test"
+    if not test.is_dir():
+        raise UFlowError(f"{root}: no test folder (an MVTec-style category has test/good and test/<defect>)")
+    folders = sorted(d for d in test.iterdir() if d.is_dir())
+    if not folders:
+        raise UFlowError(f"{test}: no subfolders (expected test/good and test/<defect>)")
+    truth = root / "ground_truth"
+    has_masks = truth.is_dir()
+    items = []
+    for folder in folders:
+        for path in list_images(folder, recursive=False):
+            mask = None
+            if has_masks and folder.name != GOOD:
+                mask = _find_mask(truth / folder.name, path.stem)
+                if mask is None:
+                    raise UFlowError(f"{path}: no ground-truth mask (expected {truth / folder.name / (path.stem + '_mask.png')})")
+            items.append(TestImage(path, folder.name, mask))
+    return items, has_masks
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one category, with per-image results and the curves behind them."""
+
+    category: str
+    metrics: dict[str, Any]
+    thresholds: dict[str, float]
+    images: list[dict[str, Any]]
+    settings: dict[str, Any]
+    curves: dict[str, Curve] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uflow_version": __version__,
+            "category": self.category,
+            "settings": self.settings,
+            "metrics": self.metrics,
+            "thresholds": self.thresholds,
+            "images": self.images,
+        }
+
+
+@dataclass
+class Panel:
+    """What the report shows for one test image, at the evaluation resolution."""
+
+    image: np.ndarray  # (S, S, 3) uint8
+    truth: np.ndarray  # (S, S) bool
+    anomaly_map: np.ndarray
+    detected: np.ndarray  # (S, S) bool, automatic threshold
+    record: dict[str, Any]
+
+
+def _model_resolution(path: Path, size: int, square: bool) -> tuple[np.ndarray, tuple[int, int]]:
+    image, _ = as_float_image(path, square=square)
+    return to_model_input(image, size).numpy().transpose(1, 2, 0), image.shape[:2]
+
+
+def _truth_mask(item: TestImage, original: tuple[int, int], size: int) -> np.ndarray:
+    if item.mask_path is None:
+        return np.zeros((size, size), dtype=bool)
+    mask = read_mask(item.mask_path)
+    if mask.shape != original:
+        raise UFlowError(
+            f"{item.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {item.path.name} is {original[1]}x{original[0]}"
+        )
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
+
+
+def _validation_images(model: UFlowModel, category: Path) -> tuple[list[Path], str]:
+    recorded = [Path(p) for p in model.training.get("val_images", [])]
+    if recorded and all(p.is_file() for p in recorded):
+        return recorded, "held-out validation images of the run"
+    return training_images(category), "training images (the run's validation images were not found)"
+
+
+def evaluate(
+    model: UFlowModel,
+    data: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 16,
+    epsilon: float = 1.0,
+    test_count: TestCount = "per_size",
+    null: Null = "calibrated",
+    report: bool = True,
+    max_panels: int = 40,
+    progress: bool = True,
+) -> Evaluation:
+    """Score every test image of an MVTec-style category and compute the field's metrics.
+
+    Writes ``metrics.json`` (and ``report.html`` with its figures unless
+    ``report`` is False) into ``out`` when given.
+    """
+    from tqdm.auto import tqdm
+
+    category = Path(data)
+    items, has_masks = mvtec_test_set(category)
+    size = model.image_size
+    square = model.extractor.spec.fixed_image_size
+    options = dict(batch_size=batch_size, epsilon=epsilon, test_count=test_count, null=null)
+
+    maps, nfas, truths, panels_in = [], [], [], []
+    bar = tqdm(total=len(items), desc="evaluate", unit="img", disable=not progress, leave=False)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        loaded = [_model_resolution(it.path, size, square) for it in chunk]
+        predictions = model.predict([arr for arr, _ in loaded], **options)
+        for item, (arr, original), pred in zip(chunk, loaded, predictions):
+            truth = _truth_mask(item, original, size)
+            maps.append(pred.anomaly_map)
+            nfas.append(pred.log10_nfa)
+            truths.append(truth)
+            panels_in.append((np.round(arr * 255).astype(np.uint8), pred))
+        bar.update(len(chunk))
+    bar.close()
+
+    val_paths, fair_source = _validation_images(model, category)
+    val_nfa = [p.log10_nfa for p in model.predict([_model_resolution(p, size, square)[0] for p in val_paths], **options)]
+
+    scores = np.array([float(m.max()) for m in maps])
+    anomalous = np.array([it.anomalous for it in items])
+    log_eps = math.log10(epsilon)
+    detected = [v < log_eps for v in nfas]
+    flagged = np.array([d.any() for d in detected])
+    metrics: dict[str, Any] = {
+        "image_auroc": image_auroc(scores, anomalous),
+        "n_normal": int((~anomalous).sum()),
+        "n_anomalous": int(anomalous.sum()),
+        "anomalous_flagged": int(flagged[anomalous].sum()),
+        "normal_flagged": int(flagged[~anomalous].sum()),
+        "normal_flagged_val": int(sum((v < log_eps).any() for v in val_nfa)),
+        "n_val": len(val_nfa),
+    }
+    thresholds = {"auto": log_eps, "fair": fair_threshold(val_nfa)}
+    curves = {"image_roc": image_roc(scores, anomalous)}
+    iou = np.full(len(items), np.nan)
+    if has_masks:
+        curve = miou_curve(nfas, truths, also=[thresholds["auto"], thresholds["fair"]])
+        best = int(np.argmax(curve.y))
+        thresholds["oracle"] = float(curve.x[best])
+        metrics.update(
+            pixel_auroc=pixel_auroc(maps, truths),
+            aupro=aupro(maps, truths),
+            f1_max=f1_max(maps, truths),
+            miou_auto=miou_at(nfas, truths, thresholds["auto"]),
+            miou_fair=miou_at(nfas, truths, thresholds["fair"]),
+            miou_oracle=float(curve.y[best]),
+        )
+        curves.update(pixel_roc=pixel_roc(maps, truths), pro=pro_curve(maps, truths), miou=curve)
+        iou = iou_per_image(detected, truths)
+
+    records = []
+    for k, (item, (_, pred)) in enumerate(zip(items, panels_in)):
+        record = pred.summary()
+        record.update(path=str(item.path), defect=item.defect, anomalous=bool(item.anomalous), flagged=bool(flagged[k]))
+        record["iou_auto"] = None if np.isnan(iou[k]) else round(float(iou[k]), 4)
+        records.append(record)
+    settings = {
+        "data": str(category.resolve()),
+        "trained_on": model.training.get("data"),
+        "backbone": model.backbone,
+        "image_size": size,
+        "resolution": f"{size}x{size} (masks resized by nearest neighbour)",
+        "epsilon": epsilon,
+        "test_count": test_count,
+        "null": null,
+        "fair_threshold_from": f"{len(val_paths)} {fair_source}",
+    }
+    result = Evaluation(category.name, _rounded(metrics), thresholds, records, settings, curves)
+    if out is not None:
+        out = Path(out)
+        atomic_write_text(out / "metrics.json", _json(result.to_dict()))
+        if report:
+            from .report import write_report
+
+            order = _worst_first(scores, anomalous, flagged, iou)[:max_panels]
+            panels = [Panel(panels_in[k][0], truths[k], maps[k], detected[k], records[k]) for k in order]
+            write_report(out, result, panels, (model.calibration.display_low, model.calibration.display_high), model.calibration.score_threshold)
+    return result
+
+
+def _worst_first(scores: np.ndarray, anomalous: np.ndarray, flagged: np.ndarray, iou: np.ndarray) -> list[int]:
+    """Misses first: missed defects and flagged normal images, then poor overlaps, then the rest.
+
+    Within a group, images whose score is most on the wrong side come first.
+    """
+    rank = scores.argsort().argsort() / max(len(scores) - 1, 1)
+    wrong = np.where(anomalous, ~flagged, flagged)
+    overlap_error = np.where(anomalous & ~np.isnan(iou), 1 - np.nan_to_num(iou), 0.0)
+    score_error = np.where(anomalous, 1 - rank, rank)
+    return sorted(range(len(scores)), key=lambda k: (-int(wrong[k]), -overlap_error[k], -score_error[k]))
+
+
+def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else (None if isinstance(v, float) else v)) for k, v in metrics.items()}
+
+
+def _json(data: Any) -> str:
+    """JSON text; infinite thresholds become "inf" / "-inf" (JSON has no infinity) and NaN null."""
+    import json
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
+
+
+# --------------------------------------------------------------------------- tables
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("image_auroc", "img AUROC", "pct"),
+    ("pixel_auroc", "px AUROC", "pct"),
+    ("aupro", "AUPRO", "pct"),
+    ("f1_max", "F1-max", "pct"),
+    ("miou_auto", "mIoU auto", "frac"),
+    ("miou_fair", "mIoU fair", "frac"),
+    ("miou_oracle", "mIoU oracle", "frac"),
+)
+
+
+def format_value(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{100 * value:.2f}" if kind == "pct" else f"{value:.3f}"
+
+
+def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> list[list[str]]:
+    """Header plus one row per (name, metrics), plus the mean row as the paper's tables have it."""
+    header = ["category"] + [title for _, title, _ in COLUMNS] + ["flagged: defective", "flagged: normal"]
+    out = [header]
+    for name, m in rows:
+        out.append(
+            [name]
+            + [format_value(m.get(key), kind) for key, _, kind in COLUMNS]
+            + [f"{m['anomalous_flagged']}/{m['n_anomalous']}", f"{m['normal_flagged']}/{m['n_normal']}"]
+        )
+    if with_mean and rows:
+        mean_row = ["mean"]
+        for key, _, kind in COLUMNS:
+            values = [m.get(key) for _, m in rows]
+            values = [v for v in values if v is not None]
+            mean_row.append(format_value(float(np.mean(values)), kind) if values else "-")
+        for key, total in (("anomalous_flagged", "n_anomalous"), ("normal_flagged", "n_normal")):
+            mean_row.append(f"{sum(m[key] for _, m in rows)}/{sum(m[total] for _, m in rows)}")
+        out.append(mean_row)
+    return out
+
+
+def format_table(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool = False) -> str:
+    """A plain-text table: AUROC, AUPRO and F1 in percent, mIoU as a fraction."""
+    cells = table_rows(rows, with_mean)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if with_mean and len(cells) > 2:
+        lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Metrics against independent brute-force references on small cases."""
+
+import numpy as np
+import pytest
+from skimage.measure import label
+
+from uflow.metrics import aupro, f1_max, fair_threshold, image_auroc, integrate_to, miou_at, miou_curve, pixel_auroc, pro_curve
+
+
+def _toy_set(seed, n=6, side=12, levels=None):
+    """Maps with a bump where the ground truth has regions; optionally quantised to force ties."""
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(n):
+        g = np.zeros((side, side), bool)
+        if i % 3:  # a third of the images are normal
+            for _ in range(rng.integers(1, 3)):
+                y, x = rng.integers(0, side - 3, 2)
+                g[y : y + rng.integers(1, 4), x : x + rng.integers(1, 5)] = True
+        m = rng.random((side, side)) + 0.8 * g
+        if levels:
+            m = np.round(m * levels) / levels
+        maps.append(m.astype(np.float32))
+        masks.append(g)
+    return maps, masks
+
+
+def _brute_auroc(scores, labels):
+    """Mann-Whitney: the share of (positive, negative) pairs ordered right, ties counting half."""
+    pos, neg = scores[labels], scores[~labels]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (pos.size * neg.size)
+
+
+def _brute_pro(maps, masks, limit):
+    """PRO by thresholding at every distinct value, one region at a time (skimage labels, 8-connected)."""
+    values = np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]
+    regions = [(i, label(g, connectivity=2) == k) for i, g in enumerate(masks) for k in range(1, label(g, connectivity=2).max() + 1)]
+    normal = sum((~g).sum() for g in masks)
+    fprs, pros = [0.0], [0.0]
+    for t in values:
+        detected = [m >= t for m in maps]
+        fprs.append(sum((d & ~g).sum() for d, g in zip(detected, masks)) / normal)
+        pros.append(np.mean([(detected[i] & r).sum() / r.sum() for i, r in regions]))
+    fprs, pros = np.array(fprs), np.array(pros)
+    # integrate up to the limit with linear interpolation of the crossing segment
+    area = 0.0
+    for k in range(1, fprs.size):
+        x0, x1, y0, y1 = fprs[k - 1], fprs[k], pros[k - 1], pros[k]
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (limit - x0) / (x1 - x0) * (y1 - y0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+@pytest.mark.parametrize("levels", [None, 5])
+def test_pixel_and_image_auroc_match_pair_counting(levels):
+    maps, masks = _toy_set(0, levels=levels)
+    values = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([g.ravel() for g in masks])
+    assert pixel_auroc(maps, masks) == pytest.approx(_brute_auroc(values, truth), abs=1e-12)
+    scores = np.array([m.max() for m in maps])
+    labels = np.array([g.any() for g in masks])
+    assert image_auroc(scores, labels) == pytest.approx(_brute_auroc(scores, labels), abs=1e-12)
+
+
+@pytest.mark.parametrize("levels", [None, 4])
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_region_by_region_thresholding(levels, limit):
+    maps, masks = _toy_set(1, levels=levels)
+    assert aupro(maps, masks, limit) == pytest.approx(_brute_pro(maps, masks, limit), abs=1e-9)
+
+
+def test_aupro_hand_checked_cases():
+    g = np.zeros((4, 4), bool)
+    g[0, 0] = True
+    g[3, 2:] = True  # two regions: 1 and 2 pixels
+    perfect = g.astype(np.float32)
+    assert aupro([perfect], [g]) == pytest.approx(1.0)
+    # Inverted map: every normal pixel comes first, so overlap is 0 until FPR reaches 1.
+    assert aupro([1 - perfect], [g]) == pytest.approx(0.0)
+    # Each region counts equally, whatever its size: finding only the single pixel gives PRO 0.5 at FPR 0.
+    half = np.zeros((4, 4), np.float32)
+    half[0, 0] = 2.0
+    curve = pro_curve([half], [g])
+    assert curve.y[1] == pytest.approx(0.5) and curve.x[1] == 0.0
+
+
+def test_integration_interpolates_the_limit():
+    from uflow.metrics import Curve
+
+    assert integrate_to(Curve(np.array([0.0, 1.0]), np.array([0.0, 1.0])), 0.3) == pytest.approx(0.045)
+
+
+def test_f1_max_matches_threshold_sweep():
+    maps, masks = _toy_set(2, levels=6)
+    values = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([g.ravel() for g in masks])
+    best = 0.0
+    for t in np.unique(values):
+        d = values >= t
+        tp = (d & truth).sum()
+        best = max(best, 2 * tp / (d.sum() + truth.sum()))
+    assert f1_max(maps, masks) == pytest.approx(best, abs=1e-9)
+
+
+def test_miou_curve_is_exact_at_its_thresholds_and_counts_normal_images():
+    rng = np.random.default_rng(3)
+    maps, masks = _toy_set(3)
+    nfa = [np.where(rng.random(m.shape) < 0.3, np.inf, -5 * m + rng.normal(0, 0.3, m.shape)) for m in maps]
+    curve = miou_curve(nfa, masks)
+    for t, value in zip(curve.x[::7], curve.y[::7]):
+        assert value == pytest.approx(miou_at(nfa, masks, t), abs=1e-12)
+    assert curve.y.max() >= max(miou_at(nfa, masks, t) for t in (-7.3, -2.0, 0.0)), "the curve's best is the oracle"
+    with_extra = miou_curve(nfa, masks, also=[-2.5])
+    assert -2.5 in with_extra.x
+    # Nothing detected: normal images score 1, defective ones 0.
+    assert curve.y[0] == pytest.approx(np.mean([not g.any() for g in masks]))
+    # A detection on a normal image makes its IoU 0.
+    empty = np.zeros((5, 5), bool)
+    assert miou_at([np.full((5, 5), -1.0)], [empty], 0.0) == 0.0
+    assert miou_at([np.full((5, 5), 1.0)], [empty], 0.0) == 1.0
+
+
+def test_fair_threshold_flags_about_one_pixel_per_normal_image():
+    rng = np.random.default_rng(4)
+    normal = [rng.normal(3, 1, (16, 16)) for _ in range(10)]
+    t = fair_threshold(normal)
+    flagged = sum((v < t).sum() for v in normal)
+    assert flagged == 10
+    assert fair_threshold([np.full((4, 4), np.inf)]) == np.inf
+
