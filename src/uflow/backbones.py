@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import file_sha256
+from .files import file_sha256
 from .errors import UFlowError
 
 WeightsArg = str | os.PathLike | Sequence[str | os.PathLike] | None

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .errors import UFlowError
 from .evaluate import _json, evaluate, format_table
 from .report import write_benchmark_page

@@ -7,7 +7,6 @@ do not belong together is refused instead of silently mixed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,38 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UFlowError
+from .files import atomic_write_text, file_sha256
 
 CHECKPOINT_FORMAT = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "uflow.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks (backbone weights can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_run(run_dir: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:

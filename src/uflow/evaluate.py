@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .errors import UFlowError
-from .images import IMAGE_SUFFIXES, list_images, read_mask
+from .images import IMAGE_SUFFIXES, as_float_image, list_images, read_mask
 from .metrics import (
     Curve,
     aupro,
@@ -35,7 +35,8 @@ from .metrics import (
     pixel_roc,
     pro_curve,
 )
-from .model import Null, UFlowModel, as_float_image, to_model_input
+from .calibration import Null
+from .model import UFlowModel, to_model_input
 from .segmentation import TestCount
 from .train import training_images
 

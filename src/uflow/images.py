@@ -128,3 +128,33 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UFlowError(f"{path}: cannot read mask ({reason})") from None
     return values > 0
+
+
+ImageInput = str | os.PathLike | np.ndarray
+
+
+def as_float_image(image: ImageInput, *, square: bool = False) -> tuple[np.ndarray, Path | None]:
+    """Read a path or accept an array; returns float32 RGB (H, W, 3) in [0, 1] and the path if any."""
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise UFlowError(f"image array has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+        arr = arr[:, :, :3]
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr.astype(np.float32) / 65535.0
+        else:
+            arr = arr.astype(np.float32)
+            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+                raise UFlowError("float image arrays must be finite and in [0, 1]")
+        path = None
+    else:
+        path = Path(image)
+        arr = read_image(path)
+    if square and arr.shape[0] != arr.shape[1]:
+        where = path if path is not None else "image array"
+        raise UFlowError(f"{where}: is {arr.shape[1]}x{arr.shape[0]}; the mcait backbone needs square images (crop them first)")
+    return arr, path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,15 +20,12 @@ from . import __version__
 from .anomaly_map import chi2_statistics, likelihood_map
 from .backbones import FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
+from .calibration import Calibration, Null, check_options
 from .errors import UFlowError
 from .flow import FlowConfig, UFlow
-from .images import read_image
+from .images import ImageInput, as_float_image
 from .result import Prediction
-from .segmentation import TEST_COUNTS, TestCount, segment
-
-ImageInput = str | os.PathLike | np.ndarray
-Null = Literal["calibrated", "theoretical"]
-NULLS: tuple[str, ...] = ("calibrated", "theoretical")
+from .segmentation import TestCount
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -50,54 +47,6 @@ def to_model_input(image: np.ndarray, image_size: int) -> torch.Tensor:
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
     return x[0]
-
-
-def as_float_image(image: ImageInput, *, square: bool = False) -> tuple[np.ndarray, Path | None]:
-    """Read a path or accept an array; returns float32 RGB (H, W, 3) in [0, 1] and the path if any."""
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-            raise UFlowError(f"image array has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
-        arr = arr[:, :, :3]
-        if arr.dtype == np.uint8:
-            arr = arr.astype(np.float32) / 255.0
-        elif arr.dtype == np.uint16:
-            arr = arr.astype(np.float32) / 65535.0
-        else:
-            arr = arr.astype(np.float32)
-            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-                raise UFlowError("float image arrays must be finite and in [0, 1]")
-        path = None
-    else:
-        path = Path(image)
-        arr = read_image(path)
-    if square and arr.shape[0] != arr.shape[1]:
-        where = path if path is not None else "image array"
-        raise UFlowError(f"{where}: is {arr.shape[1]}x{arr.shape[0]}; the mcait backbone needs square images (crop them first)")
-    return arr, path
-
-
-@dataclass
-class Calibration:
-    """What held-out normal images said at training time (no anomalies involved)."""
-
-    score_threshold: float  # largest validation image score: above it, "anomalous" without segmentation
-    display_low: float  # median validation map value, the bottom of the overlay colour scale
-    display_high: float
-    # Per scale, S = sum_c z^2 on held-out normal images matched by a * chi2(nu) in mean and
-    # variance. A trained flow's latents are never exactly white: their per-pixel
-    # spread is wider than chi2(C) even on training images, and the exact chi2(C)
-    # null then flags normal texture. None means the theoretical chi2(C).
-    chi2_scale: list[float] | None = None
-    chi2_dof: list[float] | None = None
-    # Per scale, pixels per independent sample of S on held-out normal images
-    # (see segmentation.correlation_area); None means independent pixels.
-    pixels_per_sample: list[float] | None = None
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
 
 
 @dataclass
@@ -164,12 +113,7 @@ class UFlowModel:
 
         Options are checked at once, not when the first result is asked for.
         """
-        if epsilon <= 0:
-            raise UFlowError(f"epsilon must be positive, got {epsilon}")
-        if test_count not in TEST_COUNTS:
-            raise UFlowError(f"test count must be one of {', '.join(TEST_COUNTS)}, got {test_count!r}")
-        if null not in NULLS:
-            raise UFlowError(f"null must be one of {', '.join(NULLS)}, got {null!r}")
+        check_options(epsilon, test_count, null)
         return self._stream(images, batch_size, segmentation, epsilon, test_count, null)
 
     def _stream(self, images, batch_size, segmentation, epsilon, test_count, null) -> Iterator[Prediction]:
@@ -196,23 +140,8 @@ class UFlowModel:
         segs = None
         if segmentation:
             stats = [s.cpu().numpy() for s in chi2_statistics(latents)]
-            dof: Sequence[float] = self.flow.latent_channels
-            pixels_per_sample = None
-            if null == "calibrated" and self.calibration.chi2_scale is not None:
-                stats = [s / a for s, a in zip(stats, self.calibration.chi2_scale)]
-                dof = self.calibration.chi2_dof
-                pixels_per_sample = self.calibration.pixels_per_sample
-            segs = segment(stats, dof, sizes, epsilon=epsilon, test_count=test_count, pixels_per_sample=pixels_per_sample)
-        predictions = []
-        for i, (_, path) in enumerate(items):
-            if segs is not None:
-                seg = segs[i]
-                label = "anomalous" if seg.regions else "normal"
-                predictions.append(Prediction(scores[i], maps[i], label, path, seg.mask, seg.log10_nfa, seg.regions))
-            else:
-                label = "anomalous" if scores[i] > self.calibration.score_threshold else "normal"
-                predictions.append(Prediction(scores[i], maps[i], label, path))
-        return predictions
+            segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, epsilon, test_count, null)
+        return self.calibration.predictions(scores, maps, [path for _, path in items], segs)
 
     # ------------------------------------------------------------------ persistence
 

@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .images import read_image
 from .result import Prediction
 from .visualize import overlay

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .visualize import overlay
 
 if TYPE_CHECKING:

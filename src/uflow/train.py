@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from .backbones import DEFAULT_BACKBONE, WeightsArg, build_feature_extractor
 from .errors import UFlowError
 from .flow import FlowConfig, UFlow, negative_log_likelihood
-from .images import list_images, resolve_inputs
-from .model import Calibration, UFlowModel, as_float_image, resolve_device, to_model_input
+from .images import as_float_image, list_images, resolve_inputs
+from .calibration import Calibration
+from .model import UFlowModel, resolve_device, to_model_input
 from .anomaly_map import chi2_statistics, image_score, likelihood_map
 from .segmentation import correlation_area
 
