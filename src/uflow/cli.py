@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .backbones import BACKBONES, DEFAULT_BACKBONE
 from .errors import UFlowError
+
+try:
+    from .backbones import BACKBONES, DEFAULT_BACKBONE
+except ImportError:  # inference-only install (onnxruntime, no PyTorch): only 'predict MODEL.onnx' can run
+    BACKBONES, DEFAULT_BACKBONE = {}, "tf_efficientnet_lite0"
 from .segmentation import TEST_COUNTS
 
 
@@ -64,13 +68,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="score images with a trained model",
         description="Write, per image, an overlay PNG, the raw anomaly map (.npy) and the mask PNG, mirroring the input folders, plus results.csv and results.json.",
     )
-    pred.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'uflow fit'")
+    pred.add_argument("run_dir", metavar="MODEL", help="run folder written by 'uflow fit', or a .onnx file written by 'uflow export'")
     pred.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (searched recursively) or glob patterns")
     pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pred.add_argument("--batch-size", type=int, default=16)
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segmentation_args(pred)
     _add_common_model_args(pred)
+
+    export = sub.add_parser(
+        "export",
+        help="export a trained model to ONNX",
+        description="Write one ONNX graph from a raw image batch (B, H, W, 3) RGB, uint8 (default) or float32 in [0, 1], "
+        "to the image score, the anomaly map at image size and the per-scale chi-square maps; resizing and normalisation are "
+        "inside the graph, batch, height and width are dynamic, the model description is in the metadata. "
+        "'uflow predict MODEL.onnx' runs it with onnxruntime and the same segmentation.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by 'uflow fit'")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", required=True, metavar="FILE.onnx")
+    export.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8", help="graph input type (default uint8, 0..255)")
+    export.add_argument("--weights", default=None, metavar="PATH", help="backbone weights file, as for predict")
+    export.add_argument("--no-download", action="store_true")
 
     ev = sub.add_parser(
         "evaluate",
@@ -148,10 +167,15 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
     from .images import resolve_inputs
-    from .model import load
+    from .onnx_model import OnnxModel
     from .outputs import write_predictions
 
-    model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
+    if Path(args.run_dir).suffix == ".onnx":
+        model = OnnxModel.load(args.run_dir)
+    else:
+        from .model import load
+
+        model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
     paths = resolve_inputs(args.images)
     stream = model.iter_predict(
         paths, batch_size=args.batch_size, segmentation=not args.no_segmentation, epsilon=args.epsilon, test_count=args.test_count, null=args.null
@@ -167,6 +191,15 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     rows = write_predictions(stream, paths, Path(args.out), (model.calibration.display_low, model.calibration.display_high), meta)
     flagged = sum(r["label"] == "anomalous" for r in rows)
     print(f"{len(rows)} images, {flagged} anomalous; results in {Path(args.out) / 'results.csv'}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+    from .model import load
+
+    model = load(args.run_dir, device="cpu", weights=args.weights, allow_download=not args.no_download)
+    path = export_onnx(model, args.out, input_dtype=args.input_dtype)
+    print(f"exported {model.backbone} ({model.image_size} px, input {args.input_dtype} B x H x W x 3) to {path}")
 
 
 def _segmentation_options(args: argparse.Namespace) -> dict:
@@ -224,11 +257,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
+    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "export": _cmd_export, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
     try:
         handlers[args.command](args)
     except UFlowError as exc:
         print(f"uflow: error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        if exc.name not in ("torch", "torchvision", "timm", "safetensors", "onnx", "onnxruntime", "onnxscript", "matplotlib", "sklearn"):
+            raise
+        print(f"uflow: error: '{args.command}' needs {exc.name}, which is not installed here (pip install it, or the full uflow)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("uflow: interrupted", file=sys.stderr)
