@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, WeightsArg, build_feature_extractor
+from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_feature_extractor
 from .errors import UFlowError
 from .flow import FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
@@ -40,24 +44,57 @@ def training_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return resolve_inputs(list(data))
 
 
+# Cached features may take this much RAM; beyond it they are kept in half precision, and beyond
+# that in half precision on disk, so fitting 1,000 images at 448 px stays within a laptop's memory.
+FEATURE_CACHE_BUDGET = 4 * 2**30
+
+
+class FeatureCache:
+    """Per-scale feature storage for every training image: float32 in RAM, float16 in RAM, or float16 on disk."""
+
+    def __init__(self, shapes: Sequence[tuple[int, int, int]], n_images: int, budget: int | None = None):
+        budget = FEATURE_CACHE_BUDGET if budget is None else budget
+        per_image = sum(c * h * w for c, h, w in shapes)
+        self.folder: str | None = None  # where a disk cache lives
+        if per_image * n_images * 4 <= budget:
+            self.kind = "ram float32"
+            self.scales = [torch.empty((n_images, *shape), dtype=torch.float32) for shape in shapes]
+        elif per_image * n_images * 2 <= budget:
+            self.kind = "ram float16"
+            self.scales = [torch.empty((n_images, *shape), dtype=torch.float16) for shape in shapes]
+        else:
+            self.kind = "disk float16"
+            self.folder = folder = tempfile.mkdtemp(prefix="uflow-features-")
+            # Removed when the cache is garbage-collected (fit returned or failed) or at exit.
+            weakref.finalize(self, shutil.rmtree, folder, True)
+            self.scales = [
+                torch.from_numpy(np.memmap(os.path.join(folder, f"scale{i}.f16"), dtype=np.float16, mode="w+", shape=(n_images, *shape)))
+                for i, shape in enumerate(shapes)
+            ]
+
+    def batch(self, index: torch.Tensor | slice, device: torch.device) -> list[torch.Tensor]:
+        return [f[index].to(device, non_blocking=True).float() for f in self.scales]
+
+    def __len__(self) -> int:
+        return self.scales[0].shape[0]
+
+
 @torch.no_grad()
 def extract_features(
-    extractor: torch.nn.Module, paths: Sequence[Path], image_size: int, device: torch.device, batch_size: int, square: bool, progress: bool
-) -> list[torch.Tensor]:
-    """Per-scale features of every image, stacked on the CPU: list of (N, C, H, W)."""
-    per_scale: list[list[torch.Tensor]] = []
+    extractor: FeatureExtractor, paths: Sequence[Path], image_size: int, device: torch.device, batch_size: int, progress: bool
+) -> FeatureCache:
+    """Per-scale features of every image, computed once and kept on the CPU."""
+    cache = FeatureCache(extractor.spec.feature_shapes(image_size), len(paths))
+    square = extractor.spec.fixed_image_size
     bar = tqdm(total=len(paths), desc="features", unit="img", disable=not progress, leave=False)
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         batch = torch.stack([to_model_input(as_float_image(p, square=square)[0], image_size) for p in chunk]).to(device)
-        maps = extractor(batch)
-        if not per_scale:
-            per_scale = [[] for _ in maps]
-        for store, m in zip(per_scale, maps):
-            store.append(m.float().cpu())
+        for store, m in zip(cache.scales, extractor(batch)):
+            store[start : start + len(chunk)] = m.to("cpu", store.dtype)
         bar.update(len(chunk))
     bar.close()
-    return [torch.cat(s) for s in per_scale]
+    return cache
 
 
 def fit(
@@ -105,14 +142,12 @@ def fit(
 
     extractor = build_feature_extractor(backbone, image_size, weights, allow_download).to(dev)
     size = extractor.image_size
-    square = extractor.spec.fixed_image_size
-    train_feats = extract_features(extractor, train_paths, size, dev, batch_size, square, progress)
-    val_feats = extract_features(extractor, val_paths, size, dev, batch_size, square, progress)
-
-    flow_config = FlowConfig(feature_channels=tuple(f.shape[1] for f in train_feats), n_steps=n_steps, permutation_seed=seed)
+    train_feats = extract_features(extractor, train_paths, size, dev, batch_size, progress)
+    val_feats = extract_features(extractor, val_paths, size, dev, batch_size, progress)
+    flow_config = FlowConfig(feature_channels=tuple(f.shape[1] for f in train_feats.scales), n_steps=n_steps, permutation_seed=seed)
     flow = UFlow(flow_config).to(dev)
     optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
-    dims = sum(f[0].numel() for f in train_feats)
+    dims = sum(f[0].numel() for f in train_feats.scales)
     # Report NLL per dimension with the Gaussian constant, so N(0, 1) data scores log(2 pi) / 2 = 0.919.
     constant = 0.5 * math.log(2 * math.pi)
 
@@ -121,7 +156,7 @@ def fit(
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(val_paths), batch_size):
-                batch = [f[start : start + batch_size].to(dev) for f in val_feats]
+                batch = val_feats.batch(slice(start, start + batch_size), dev)
                 z, log_det = flow(batch)
                 total += negative_log_likelihood(z, log_det).sum().item()
         return total / (len(val_paths) * dims) + constant
@@ -139,7 +174,7 @@ def fit(
             running, seen = 0.0, 0
             for start in range(0, len(perm), batch_size):
                 idx = perm[start : start + batch_size]
-                batch = [f[idx].to(dev, non_blocking=True) for f in train_feats]
+                batch = train_feats.batch(idx, dev)
                 z, log_det = flow(batch)
                 loss = negative_log_likelihood(z, log_det).mean()
                 if not torch.isfinite(loss):
@@ -177,7 +212,7 @@ def fit(
     flow.load_state_dict(best_state)
     flow.eval()
 
-    calibration = _calibrate(extractor, flow, val_feats, size, dev, batch_size)
+    calibration = _calibrate(flow, val_feats, size, dev, batch_size)
     training = {
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(paths)} files",
         "n_train": len(train_paths),
@@ -194,6 +229,7 @@ def fit(
         "weight_decay": weight_decay,
         "seconds": round(time.perf_counter() - started, 1),
         "device": str(dev),
+        "feature_cache": train_feats.kind,
         "history": history,
     }
     model = UFlowModel(extractor, flow, calibration, training, dev)
@@ -208,13 +244,13 @@ def fit(
 
 
 @torch.no_grad()
-def _calibrate(extractor, flow: UFlow, val_feats: list[torch.Tensor], size: int, dev: torch.device, batch_size: int) -> Calibration:
+def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int) -> Calibration:
     """Image-score threshold and display range from held-out normal images."""
     scores, medians = [], []
-    stats: list[list[torch.Tensor]] = [[] for _ in val_feats]
-    n = val_feats[0].shape[0]
+    stats: list[list[torch.Tensor]] = [[] for _ in val_feats.scales]
+    n = len(val_feats)
     for start in range(0, n, batch_size):
-        z, _ = flow([f[start : start + batch_size].to(dev) for f in val_feats])
+        z, _ = flow(val_feats.batch(slice(start, start + batch_size), dev))
         maps = likelihood_map(z, (size, size))
         scores.append(image_score(maps).cpu())
         medians.append(maps.flatten(1).median(dim=1).values.cpu())
