@@ -1,0 +1,318 @@
+"""Speed and memory, side by side: uflow (PyTorch and ONNX Runtime) against anomalib 2.7.0's Uflow.
+
+    python benchmarks/speed.py                       # small CPU settings
+    python benchmarks/speed.py --device cuda --train-images 200 --epochs 10 --predict-images 512
+
+Same data (crops of scikit-image's real brick photograph), same backbone
+(resnet18, the CNN both implement) and the same backbone weights for both
+projects: a resnet18 state dict file is written once and loaded into both
+models (anomalib's own loader asks timm to download ImageNet weights, which
+this machine cannot; the script loads the file into anomalib's timm model
+itself). Timing does not depend on the weights' values.
+
+anomalib is installed by this script into its own virtual environment
+(``--anomalib-venv``, pinned to 2.7.0 and to this machine's torch build), never
+into uflow's. Each measurement runs in a fresh process so its peak memory is
+its own. anomalib is trained with its torch model and loss in a plain loop
+(no Lightning engine) and predicts maps only (its NFA segmentation is a
+separate, much slower step), both of which favour it.
+
+Reported: time to fit for the same epochs; predict throughput at batch 16
+and latency at batch 1, end to end from decoded images (resize and
+normalisation included; uflow's a contrario segmentation included unless the
+row says "maps only"); peak RAM and GPU memory. Medians over ``--runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ANOMALIB = "anomalib==2.7.0"
+TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+# --------------------------------------------------------------------------- workers (fresh processes)
+
+
+def _peak_memory(device: str) -> dict:
+    import resource
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.startswith("cuda"):
+        import torch
+
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _load_arrays(folder: str) -> list:
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
+
+
+def _time_predict(run_batch, images: list, runs: int, device: str) -> dict:
+    """Throughput at batch 16 and latency at batch 1, each the median over ``runs``."""
+    run_batch(images[:16])  # warm-up
+    throughput, latency = [], []
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(images), 16):
+            run_batch(images[i : i + 16])
+        _sync(device)
+        throughput.append(len(images) / (time.perf_counter() - start))
+        single = []
+        for image in images[:16]:
+            start = time.perf_counter()
+            run_batch([image])
+            _sync(device)
+            single.append(1000 * (time.perf_counter() - start))
+        latency.append(statistics.median(single))
+    return {"images_per_s": round(statistics.median(throughput), 2), "latency_ms": round(statistics.median(latency), 2), "runs": throughput}
+
+
+def job_uflow_fit(a: dict) -> dict:
+    import uflow
+
+    times = []
+    for r in range(a["runs"]):
+        start = time.perf_counter()
+        uflow.fit(a["train"], Path(a["out"]) / f"run{r}", backbone=a["backbone"], image_size=a["size"], epochs=a["epochs"],
+                  patience=a["epochs"], weights=a["weights"], device=a["device"], progress=False, allow_download=False)
+        _sync(a["device"])
+        times.append(time.perf_counter() - start)
+    return {"fit_s": round(statistics.median(times), 2), "runs": times, **_peak_memory(a["device"])}
+
+
+def job_uflow_predict(a: dict) -> dict:
+    import uflow
+
+    model = uflow.load(Path(a["out"]) / "run0", device=a["device"], weights=a["weights"], allow_download=False)
+    images = _load_arrays(a["test"])
+
+    def run_batch(batch):
+        model.predict(batch, batch_size=16, segmentation=a["segmentation"])
+
+    return {**_time_predict(run_batch, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
+
+
+def job_onnx_predict(a: dict) -> dict:
+    from uflow.onnx_model import OnnxModel
+
+    model = OnnxModel.load(a["onnx"])
+    images = _load_arrays(a["test"])
+
+    def run_batch(batch):
+        model.predict(batch, batch_size=16, segmentation=a["segmentation"])
+
+    return {**_time_predict(run_batch, images, a["runs"], "cpu"), **_peak_memory("cpu")}
+
+
+def _anomalib_model(a: dict):
+    """anomalib's UflowModel with our weights file in its timm backbone (its loader would download)."""
+    import timm
+    import torch
+    from anomalib.models.image.uflow.torch_model import UflowModel
+
+    original = timm.create_model
+
+    def offline(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return original(*args, **kwargs)
+
+    timm.create_model = offline
+    try:
+        model = UflowModel(input_size=(a["size"], a["size"]), flow_steps=4, backbone=a["backbone"])
+    finally:
+        timm.create_model = original
+    state = torch.load(a["weights"], map_location="cpu", weights_only=True)
+    extractor = model.feature_extractor.feature_extractor
+    missing, unexpected = extractor.load_state_dict(state, strict=False)
+    own_keys = set(extractor.state_dict())
+    assert not missing and all(k not in own_keys for k in unexpected), f"weights do not fit anomalib's backbone: {missing[:3]}"
+    return model.to(a["device"])
+
+
+def _anomalib_batch(images: list, size: int, device: str):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(device)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def job_anomalib_fit(a: dict) -> dict:
+    import torch
+    from anomalib.models.image.uflow.loss import UFlowLoss
+
+    images = _load_arrays(a["train"])
+    data = _anomalib_batch(images, a["size"], "cpu")  # decoded and resized once: favours anomalib
+    times = []
+    for _ in range(a["runs"]):
+        torch.manual_seed(0)
+        model = _anomalib_model(a)
+        loss_fn = UFlowLoss()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)
+        _sync(a["device"])
+        start = time.perf_counter()
+        for _ in range(a["epochs"]):
+            model.train()
+            model.feature_extractor.eval()
+            for idx in torch.randperm(len(data)).split(16):
+                z, ljd = model(data[idx].to(a["device"]))
+                loss = loss_fn(z, ljd)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        _sync(a["device"])
+        times.append(time.perf_counter() - start)
+    return {"fit_s": round(statistics.median(times), 2), "runs": times, **_peak_memory(a["device"])}
+
+
+def job_anomalib_predict(a: dict) -> dict:
+    import torch
+
+    model = _anomalib_model(a).eval()
+    images = _load_arrays(a["test"])
+
+    def run_batch(batch):
+        with torch.no_grad():
+            out = model(_anomalib_batch(batch, a["size"], a["device"]))
+            out.anomaly_map.cpu()
+
+    return {**_time_predict(run_batch, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
+
+
+JOBS = {f.__name__[4:]: f for f in (job_uflow_fit, job_uflow_predict, job_onnx_predict, job_anomalib_fit, job_anomalib_predict)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_job(python: str, name: str, args: dict) -> dict:
+    res = subprocess.run([python, str(HERE), "--job", name, json.dumps(args)], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if res.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def ensure_anomalib(venv: Path) -> str:
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import anomalib, sys; sys.exit(anomalib.__version__ != '2.7.0')"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return str(python)
+    print(f"installing {ANOMALIB} into {venv} (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TORCH_PINS], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", ANOMALIB], check=True)
+    return str(python)
+
+
+def make_data(root: Path, n_train: int, n_test: int, size: int) -> tuple[Path, Path]:
+    import numpy as np
+    from PIL import Image
+
+    from uflow.textures import _texture
+
+    texture = (_texture("brick") * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            y, x = rng.integers(0, texture.shape[0] - size + 1, 2)
+            Image.fromarray(texture[y : y + size, x : x + size]).save(folder / f"{i:04d}.png")
+    return root / "train", root / "test"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "wide_resnet50_2"])
+    parser.add_argument("--train-images", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--predict-images", type=int, default=48)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--anomalib-venv", type=Path, default=Path.home() / ".cache" / "uflow" / "anomalib-2.7.0-venv")
+    parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--job", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        print(json.dumps(JOBS[args.job[0]](json.loads(args.job[1]))))
+        return
+
+    import timm
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="uflow-speed-"))
+    train, test = make_data(work / "data", args.train_images, args.predict_images, args.size)
+    weights = work / f"{args.backbone}.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(args.backbone).state_dict(), weights)
+    common = {"train": str(train), "test": str(test), "out": str(work / "uflow"), "backbone": args.backbone, "size": args.size,
+              "epochs": args.epochs, "weights": str(weights), "device": args.device, "runs": args.runs}
+    me = sys.executable
+    rows: dict[str, dict] = {}
+    rows["uflow fit"] = run_job(me, "uflow_fit", common)
+    rows["uflow predict"] = run_job(me, "uflow_predict", {**common, "segmentation": True})
+    rows["uflow predict (maps only)"] = run_job(me, "uflow_predict", {**common, "segmentation": False})
+    if args.device == "cpu":
+        from uflow import load
+        from uflow.export import export_onnx
+
+        onnx_path = export_onnx(load(work / "uflow" / "run0", weights=str(weights), allow_download=False), work / "model.onnx")
+        rows["uflow onnxruntime predict"] = run_job(me, "onnx_predict", {**common, "onnx": str(onnx_path), "segmentation": True})
+        rows["uflow onnxruntime predict (maps only)"] = run_job(me, "onnx_predict", {**common, "onnx": str(onnx_path), "segmentation": False})
+    if not args.skip_anomalib:
+        python = ensure_anomalib(args.anomalib_venv)
+        rows["anomalib fit"] = run_job(python, "anomalib_fit", common)
+        rows["anomalib predict (maps only)"] = run_job(python, "anomalib_predict", common)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
+    print(f"\n{time.strftime('%Y-%m-%d')} · {machine} · device {args.device} · {args.backbone} at {args.size} px · "
+          f"fit: {args.train_images} images x {args.epochs} epochs · predict: {args.predict_images} images · median of {args.runs} runs")
+    print("weights: one seeded resnet18 state dict file loaded into both projects (no ImageNet download possible here)")
+    print(f"{'':40s} {'fit s':>8s} {'img/s b16':>10s} {'ms b1':>8s} {'peak RAM MB':>12s} {'peak GPU MB':>12s}")
+    for name, r in rows.items():
+        print(f"{name:40s} {r.get('fit_s', ''):>8} {r.get('images_per_s', ''):>10} {r.get('latency_ms', ''):>8} "
+              f"{r.get('peak_rss_mb', ''):>12} {r.get('peak_gpu_mb', '-'):>12}")
+    if "anomalib fit" in rows:
+        ratio_fit = rows["anomalib fit"]["fit_s"] / rows["uflow fit"]["fit_s"]
+        ratio_pred = rows["uflow predict (maps only)"]["images_per_s"] / rows["anomalib predict (maps only)"]["images_per_s"]
+        ratio_seg = rows["uflow predict"]["images_per_s"] / rows["anomalib predict (maps only)"]["images_per_s"]
+        print(f"ratios: fit {ratio_fit:.1f}x faster; predict maps only {ratio_pred:.2f}x; "
+              f"predict with segmentation vs anomalib maps only {ratio_seg:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "anomalib_venv": str(args.anomalib_venv)},
+                                         "machine": machine, "rows": rows}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
