@@ -79,6 +79,8 @@ def main() -> None:
         "defective_flagged": f"{m['anomalous_flagged']}/{m['n_anomalous']}",
         "normal_flagged": f"{m['normal_flagged']}/{m['n_normal']}",
         "normal_val_flagged": f"{m['normal_flagged_val']}/{m['n_val']}",
+        "defective_over_score_threshold": f"{m['anomalous_over_score_threshold']}/{m['n_anomalous']}",
+        "normal_over_score_threshold": f"{m['normal_over_score_threshold']}/{m['n_normal']}",
     }
     (args.out / "elpv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

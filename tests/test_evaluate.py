@@ -76,3 +76,18 @@ def test_missing_or_mismatched_masks_are_refused_by_name(model, brick, tmp_path)
 def test_not_a_category_is_refused(model, tmp_path):
     with pytest.raises(UFlowError, match="no test folder"):
         evaluate(model, tmp_path, None, progress=False)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome")), reason="no Chromium on this machine")
+def test_report_renders_in_headless_chromium_with_every_image(evaluated, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, out = evaluated
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_report.py"
+    shot = tmp_path / "report.png"
+    res = subprocess.run([sys.executable, script, out / "report.html", "--screenshot", shot], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "0 missing" in res.stdout
+    assert Image.open(shot).size == (1280, 2400)

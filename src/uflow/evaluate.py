@@ -207,6 +207,9 @@ def evaluate(
         "anomalous_flagged": int(flagged[anomalous].sum()),
         "normal_flagged": int(flagged[~anomalous].sum()),
         "normal_flagged_val": int(sum((v < log_eps).any() for v in val_nfa)),
+        # The image-level rule without segmentation: score above every held-out normal image's score.
+        "anomalous_over_score_threshold": int((scores[anomalous] > model.calibration.score_threshold).sum()),
+        "normal_over_score_threshold": int((scores[~anomalous] > model.calibration.score_threshold).sum()),
         "n_val": len(val_nfa),
     }
     thresholds = {"auto": log_eps, "fair": fair_threshold(val_nfa)}

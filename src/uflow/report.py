@@ -36,6 +36,7 @@ th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 tr.mean td { font-weight: bold; border-top: 2px solid #888; }
 .figs img { width: 380px; margin: 4px; border: 1px solid #eee; }
+.figs img.strip { width: 600px; }
 .panel { display: inline-block; margin: 8px; vertical-align: top; font-size: 12px; }
 .panel img { display: block; border: 1px solid #ccc; }
 .miss { color: #b00; font-weight: bold; } .hit { color: #080; }
@@ -216,6 +217,18 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def _category_strip(out: Path, name: str, page: str) -> str:
+    """A category's curves and its worst miss, each linking to the category's own report."""
+    folder = Path(page).parent / ASSETS
+    shown = [f for f in ("roc.png", "pro.png", "scores.png", "panel_000.png") if (out / folder / f).is_file()]
+    images = "".join(
+        f'<a href="{html.escape(page)}"><img{" class=strip" if f.startswith("panel") else ""} src="{html.escape(str(folder / f))}" '
+        f'alt="{html.escape(name)} {f}"></a>'
+        for f in shown
+    )
+    return f'<h2><a href="{html.escape(page)}">{html.escape(name)}</a></h2><div class="figs">{images}</div>'
+
+
 def write_benchmark_page(out: Path, rows: Sequence[tuple[str, dict[str, Any]]], reports: dict[str, str], note: str) -> Path:
     """``out/report.html`` for a whole benchmark: the per-category table with means, linking each category's report."""
     body = "\n".join(
@@ -224,6 +237,7 @@ def write_benchmark_page(out: Path, rows: Sequence[tuple[str, dict[str, Any]]], 
             f'<p class="sub">{html.escape(note)}</p>',
             _table_html(rows, with_mean=True, links=reports),
             f"<p class=sub>{_METRIC_NOTES}</p>",
+            *[_category_strip(Path(out), name, page) for name, page in reports.items()],
         ]
     )
     atomic_write_text(Path(out) / "report.html", _page("uflow benchmark", body))
