@@ -86,13 +86,24 @@ def test_aupro_hand_checked_cases():
     half = np.zeros((4, 4), np.float32)
     half[0, 0] = 2.0
     curve = pro_curve([half], [g])
-    assert curve.y[1] == pytest.approx(0.5) and curve.x[1] == 0.0
+    assert any(x == 0.0 and y == pytest.approx(0.5) for x, y in zip(curve.x, curve.y))
 
 
 def test_integration_interpolates_the_limit():
     from uflow.metrics import Curve
 
     assert integrate_to(Curve(np.array([0.0, 1.0]), np.array([0.0, 1.0])), 0.3) == pytest.approx(0.045)
+
+
+def test_pixel_statistics_agree_with_scikit_learn_on_a_larger_set():
+    from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+    maps, masks = _toy_set(6, n=30, side=32, levels=50)
+    values = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([g.ravel() for g in masks])
+    assert pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(truth, values), abs=1e-12)
+    precision, recall, _ = precision_recall_curve(truth, values)
+    assert f1_max(maps, masks) == pytest.approx((2 * precision * recall / np.maximum(precision + recall, 1e-12)).max(), abs=1e-12)
 
 
 def test_f1_max_matches_threshold_sweep():

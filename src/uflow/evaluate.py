@@ -21,20 +21,7 @@ from . import __version__
 from .files import atomic_write_text
 from .errors import UFlowError
 from .images import IMAGE_SUFFIXES, as_float_image, list_images, read_mask
-from .metrics import (
-    Curve,
-    aupro,
-    f1_max,
-    fair_threshold,
-    image_auroc,
-    image_roc,
-    iou_per_image,
-    miou_at,
-    miou_curve,
-    pixel_auroc,
-    pixel_roc,
-    pro_curve,
-)
+from .metrics import Curve, PixelStatistics, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve
 from .calibration import Null
 from .model import UFlowModel, to_model_input
 from .segmentation import TestCount
@@ -219,15 +206,16 @@ def evaluate(
         curve = miou_curve(nfas, truths, also=[thresholds["auto"], thresholds["fair"]])
         best = int(np.argmax(curve.y))
         thresholds["oracle"] = float(curve.x[best])
+        pixels = PixelStatistics(maps, truths)
         metrics.update(
-            pixel_auroc=pixel_auroc(maps, truths),
-            aupro=aupro(maps, truths),
-            f1_max=f1_max(maps, truths),
+            pixel_auroc=pixels.auroc(),
+            aupro=pixels.aupro(),
+            f1_max=pixels.f1_max(),
             miou_auto=miou_at(nfas, truths, thresholds["auto"]),
             miou_fair=miou_at(nfas, truths, thresholds["fair"]),
             miou_oracle=float(curve.y[best]),
         )
-        curves.update(pixel_roc=pixel_roc(maps, truths), pro=pro_curve(maps, truths), miou=curve)
+        curves.update(pixel_roc=pixels.roc(), pro=pixels.pro_curve(), miou=curve)
         iou = iou_per_image(detected, truths)
 
     records = []
