@@ -28,7 +28,7 @@ def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
     assert "best epoch" in res.stdout and (run / "uflow.json").is_file()
 
     out = tmp_path / "pred"
-    res = uflow_cli("predict", run, brick / "test", "--out", out, "--quiet", "--no-download")
+    res = uflow_cli("predict", run, brick / "test", "--out", out, "--quiet", "--no-download", "--workers", "1")
     assert res.returncode == 0, res.stderr
     for sub in ("good", "blob", "scratch"):
         assert (out / sub / "000_overlay.png").is_file()

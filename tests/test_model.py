@@ -108,3 +108,15 @@ def test_mixed_or_missing_files_are_refused(run_dir, tmp_path):
         uflow.load(dest, allow_download=False)
     with pytest.raises(uflow.UFlowError, match="not a uflow model"):
         uflow.load(tmp_path, allow_download=False)
+
+
+def test_segmentation_in_worker_processes_gives_identical_results_in_order(model, brick):
+    images = sorted((brick / "test").rglob("*.png"))
+    inline = model.predict(images, batch_size=2)
+    pooled = model.predict(images, batch_size=2, workers=2)
+    assert [p.path for p in pooled] == [p.path for p in inline]
+    for a, b in zip(pooled, inline):
+        assert np.array_equal(a.mask, b.mask) and np.array_equal(a.log10_nfa, b.log10_nfa)
+        assert [r.to_dict() for r in a.regions] == [r.to_dict() for r in b.regions]
+    with pytest.raises(uflow.UFlowError, match="workers"):
+        model.predict(images[0], workers=-1)

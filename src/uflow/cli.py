@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (searched recursively) or glob patterns")
     pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument(
+        "--workers", type=int, default=0, help="processes that run the segmentation while the model computes the next batch (useful on a GPU; default 0)"
+    )
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segmentation_args(pred)
     _add_common_model_args(pred)
@@ -177,9 +180,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
     paths = resolve_inputs(args.images)
-    stream = model.iter_predict(
-        paths, batch_size=args.batch_size, segmentation=not args.no_segmentation, epsilon=args.epsilon, test_count=args.test_count, null=args.null
-    )
+    options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
+    if args.workers:
+        if isinstance(model, OnnxModel):
+            raise UFlowError("--workers applies to run folders; an .onnx model segments in the main process")
+        options["workers"] = args.workers
+    stream = model.iter_predict(paths, **options)
     stream = tqdm(stream, total=len(paths), desc="predict", unit="img", disable=args.quiet)
     meta = {
         "model": str(Path(args.run_dir).resolve()),

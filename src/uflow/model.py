@@ -7,7 +7,11 @@ segmentation. It is created by :func:`uflow.fit` or :func:`uflow.load`.
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -91,13 +95,13 @@ class UFlowModel:
         epsilon: float = 1.0,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
+        workers: int = 0,
     ) -> list[Prediction]:
         """Score images (paths or arrays); one :class:`Prediction` per image, in order."""
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
-        return list(
-            self.iter_predict(images, batch_size=batch_size, segmentation=segmentation, epsilon=epsilon, test_count=test_count, null=null)
-        )
+        options = {"batch_size": batch_size, "segmentation": segmentation, "epsilon": epsilon, "test_count": test_count, "null": null}
+        return list(self.iter_predict(images, workers=workers, **options))
 
     def iter_predict(
         self,
@@ -108,40 +112,62 @@ class UFlowModel:
         epsilon: float = 1.0,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
+        workers: int = 0,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict` but yields as batches finish, so outputs can be written while the rest runs.
 
+        ``workers`` > 0 runs the segmentation (CPU-only tree work) of each batch
+        in that many worker processes while the model computes the next batches,
+        so on a GPU it is not the bottleneck. Results are identical and in order.
         Options are checked at once, not when the first result is asked for.
         """
         check_options(epsilon, test_count, null)
-        return self._stream(images, batch_size, segmentation, epsilon, test_count, null)
+        if workers < 0:
+            raise UFlowError(f"workers must be 0 or more, got {workers}")
+        segment_options = (epsilon, test_count, null) if segmentation else None
+        return self._stream(images, batch_size, segment_options, workers)
 
-    def _stream(self, images, batch_size, segmentation, epsilon, test_count, null) -> Iterator[Prediction]:
+    def _stream(
+        self, images: Iterable[ImageInput], batch_size: int, segment_options: tuple[float, TestCount, Null] | None, workers: int
+    ) -> Iterator[Prediction]:
         square = self.extractor.spec.fixed_image_size
-        pending: list[tuple[np.ndarray, Path | None]] = []
-        for image in images:
-            pending.append(as_float_image(image, square=square))
-            if len(pending) == batch_size:
-                yield from self._predict_batch(pending, segmentation, epsilon, test_count, null)
-                pending = []
-        if pending:
-            yield from self._predict_batch(pending, segmentation, epsilon, test_count, null)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers and segment_options else None
+        in_flight: deque[tuple[Future, list[float], list[np.ndarray], list[Path | None]]] = deque()
+        try:
+            pending: list[tuple[np.ndarray, Path | None]] = []
+            for image in itertools.chain(images, [None]):
+                if image is not None:
+                    pending.append(as_float_image(image, square=square))
+                if pending and (len(pending) == batch_size or image is None):
+                    scores, maps, stats, sizes = self._forward(pending)
+                    paths = [path for _, path in pending]
+                    pending = []
+                    if segment_options is None:
+                        yield from self.calibration.predictions(scores, maps, paths, None)
+                    elif pool is None:
+                        segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, *segment_options)
+                        yield from self.calibration.predictions(scores, maps, paths, segs)
+                    else:
+                        job = pool.submit(self.calibration.segment, stats, self.flow.latent_channels, sizes, *segment_options)
+                        in_flight.append((job, scores, maps, paths))
+                        while len(in_flight) > workers:  # keep the workers busy, the memory bounded
+                            job, scores, maps, paths = in_flight.popleft()
+                            yield from self.calibration.predictions(scores, maps, paths, job.result())
+            while in_flight:
+                job, scores, maps, paths = in_flight.popleft()
+                yield from self.calibration.predictions(scores, maps, paths, job.result())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
-    def _predict_batch(
-        self, items: list[tuple[np.ndarray, Path | None]], segmentation: bool, epsilon: float, test_count: TestCount, null: Null
-    ) -> list[Prediction]:
+    def _forward(self, items: list[tuple[np.ndarray, Path | None]]) -> tuple[list[float], list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
+        """Scores, anomaly maps at image size, chi-square maps and image sizes of one batch."""
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])
         latents = self.latents(batch)
         sizes = [img.shape[:2] for img, _ in items]
-        maps = []
-        for i, size in enumerate(sizes):
-            maps.append(likelihood_map([z[i : i + 1] for z in latents], size)[0].cpu().numpy())
-        scores = [float(m.max()) for m in maps]
-        segs = None
-        if segmentation:
-            stats = [s.cpu().numpy() for s in chi2_statistics(latents)]
-            segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, epsilon, test_count, null)
-        return self.calibration.predictions(scores, maps, [path for _, path in items], segs)
+        maps = [likelihood_map([z[i : i + 1] for z in latents], size)[0].cpu().numpy() for i, size in enumerate(sizes)]
+        stats = [s.cpu().numpy() for s in chi2_statistics(latents)]
+        return [float(m.max()) for m in maps], maps, stats, sizes
 
     # ------------------------------------------------------------------ persistence
 
