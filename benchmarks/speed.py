@@ -1,7 +1,7 @@
 """Speed and memory, side by side: uflow (PyTorch and ONNX Runtime) against anomalib 2.7.0's Uflow.
 
     python benchmarks/speed.py                       # small CPU settings
-    python benchmarks/speed.py --device cuda --train-images 200 --epochs 10 --predict-images 512
+    python benchmarks/speed.py --device cuda --train-images 200 --epochs 10 --predict-images 512 --precision bf16 --workers 8
 
 Same data (crops of scikit-image's real brick photograph), same backbone
 (resnet18, the CNN both implement) and the same backbone weights for both
@@ -69,21 +69,20 @@ def _load_arrays(folder: str) -> list:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
 
 
-def _time_predict(run_batch, images: list, runs: int, device: str) -> dict:
-    """Throughput at batch 16 and latency at batch 1, each the median over ``runs``."""
-    run_batch(images[:16])  # warm-up
+def _time_predict(run_all, run_one, images: list, runs: int, device: str) -> dict:
+    """Throughput of ``run_all`` (all images, batches of 16) and latency of ``run_one`` (one image), medians over ``runs``."""
+    run_all(images[:16])  # warm-up
     throughput, latency = [], []
     for _ in range(runs):
         _sync(device)
         start = time.perf_counter()
-        for i in range(0, len(images), 16):
-            run_batch(images[i : i + 16])
+        run_all(images)
         _sync(device)
         throughput.append(len(images) / (time.perf_counter() - start))
         single = []
         for image in images[:16]:
             start = time.perf_counter()
-            run_batch([image])
+            run_one(image)
             _sync(device)
             single.append(1000 * (time.perf_counter() - start))
         latency.append(statistics.median(single))
@@ -107,12 +106,16 @@ def job_uflow_predict(a: dict) -> dict:
     import uflow
 
     model = uflow.load(Path(a["out"]) / "run0", device=a["device"], weights=a["weights"], allow_download=False)
+    model.accelerate(a["precision"], compile=a["compile"])
     images = _load_arrays(a["test"])
 
-    def run_batch(batch):
-        model.predict(batch, batch_size=16, segmentation=a["segmentation"])
+    def run_all(batch):
+        model.predict(batch, batch_size=16, segmentation=a["segmentation"], workers=a["workers"])
 
-    return {**_time_predict(run_batch, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
+    def run_one(image):
+        model.predict(image, segmentation=a["segmentation"])
+
+    return {**_time_predict(run_all, run_one, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
 
 
 def job_onnx_predict(a: dict) -> dict:
@@ -121,10 +124,13 @@ def job_onnx_predict(a: dict) -> dict:
     model = OnnxModel.load(a["onnx"])
     images = _load_arrays(a["test"])
 
-    def run_batch(batch):
+    def run_all(batch):
         model.predict(batch, batch_size=16, segmentation=a["segmentation"])
 
-    return {**_time_predict(run_batch, images, a["runs"], "cpu"), **_peak_memory("cpu")}
+    def run_one(image):
+        model.predict(image, segmentation=a["segmentation"])
+
+    return {**_time_predict(run_all, run_one, images, a["runs"], "cpu"), **_peak_memory("cpu")}
 
 
 def _anomalib_model(a: dict):
@@ -199,12 +205,15 @@ def job_anomalib_predict(a: dict) -> dict:
     model = _anomalib_model(a).eval()
     images = _load_arrays(a["test"])
 
-    def run_batch(batch):
+    def run_all(batch):
         with torch.no_grad():
-            out = model(_anomalib_batch(batch, a["size"], a["device"]))
-            out.anomaly_map.cpu()
+            for i in range(0, len(batch), 16):
+                model(_anomalib_batch(batch[i : i + 16], a["size"], a["device"])).anomaly_map.cpu()
 
-    return {**_time_predict(run_batch, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
+    def run_one(image):
+        run_all([image])
+
+    return {**_time_predict(run_all, run_one, images, a["runs"], a["device"]), **_peak_memory(a["device"])}
 
 
 JOBS = {f.__name__[4:]: f for f in (job_uflow_fit, job_uflow_predict, job_onnx_predict, job_anomalib_fit, job_anomalib_predict)}
@@ -261,6 +270,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--anomalib-venv", type=Path, default=Path.home() / ".cache" / "uflow" / "anomalib-2.7.0-venv")
     parser.add_argument("--skip-anomalib", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="uflow's backbone precision")
+    parser.add_argument("--compile", action="store_true", help="torch.compile uflow's backbone")
+    parser.add_argument("--workers", type=int, default=0, help="uflow segmentation worker processes")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--job", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -277,7 +289,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.save(timm.create_model(args.backbone).state_dict(), weights)
     common = {"train": str(train), "test": str(test), "out": str(work / "uflow"), "backbone": args.backbone, "size": args.size,
-              "epochs": args.epochs, "weights": str(weights), "device": args.device, "runs": args.runs}
+              "epochs": args.epochs, "weights": str(weights), "device": args.device, "runs": args.runs,
+              "precision": args.precision, "compile": args.compile, "workers": args.workers}
     me = sys.executable
     rows: dict[str, dict] = {}
     rows["uflow fit"] = run_job(me, "uflow_fit", common)

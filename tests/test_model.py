@@ -120,3 +120,16 @@ def test_segmentation_in_worker_processes_gives_identical_results_in_order(model
         assert [r.to_dict() for r in a.regions] == [r.to_dict() for r in b.regions]
     with pytest.raises(uflow.UFlowError, match="workers"):
         model.predict(images[0], workers=-1)
+
+
+def test_bf16_backbone_stays_close_to_float32(model, brick):
+    images = sorted((brick / "test").rglob("*.png"))[:4]
+    reference = model.predict(images)
+    try:
+        fast = model.accelerate("bf16").predict(images)
+    finally:
+        model.accelerate("fp32")
+    for a, b in zip(fast, reference):
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() < 0.05
+    with pytest.raises(uflow.UFlowError, match="precision"):
+        model.accelerate("fp8")

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (searched recursively) or glob patterns")
     pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pred.add_argument("--batch-size", type=int, default=16)
+    pred.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision (bf16: faster on GPUs; the flow stays fp32)")
+    pred.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU; the first batches are slow)")
     pred.add_argument(
         "--workers", type=int, default=0, help="processes that run the segmentation while the model computes the next batch (useful on a GPU; default 0)"
     )
@@ -179,6 +181,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         from .model import load
 
         model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
+        model.accelerate(args.precision, compile=args.compile)
     paths = resolve_inputs(args.images)
     options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
     if args.workers:
