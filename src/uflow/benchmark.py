@@ -9,7 +9,7 @@ from typing import Any
 
 from .files import atomic_write_text
 from .errors import UFlowError
-from .evaluate import _json, evaluate, format_table
+from .evaluate import evaluate, json_text, format_table
 from .report import write_benchmark_page
 from .train import fit
 
@@ -62,7 +62,7 @@ def run_benchmark(
         if progress:
             print(f"{folder.name}: done in {details[folder.name]['seconds']} s", flush=True)
     settings = {"root": str(Path(root).resolve()), "fit": fit_options or {}, "evaluate": evaluate_options or {}}
-    atomic_write_text(out / "benchmark.json", _json({"settings": settings, "categories": details}))
+    atomic_write_text(out / "benchmark.json", json_text({"settings": settings, "categories": details}))
     note = f"{len(rows)} categories from {Path(root).resolve()}; fit options {fit_options or 'default'}"
     write_benchmark_page(out, rows, reports, note)
     print(format_table(rows, with_mean=True))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .calibration import NULLS
 from .errors import UFlowError
 
 try:
@@ -38,7 +39,7 @@ def _add_segmentation_args(p: argparse.ArgumentParser, with_switch: bool = True)
     )
     p.add_argument(
         "--null",
-        choices=("calibrated", "theoretical"),
+        choices=NULLS,
         default="calibrated",
         help="null distribution of the per-pixel statistic: calibrated on held-out normal images (default) or chi2(C)",
     )
@@ -176,6 +177,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from .outputs import write_predictions
 
     if Path(args.run_dir).suffix == ".onnx":
+        if args.workers or args.compile or args.precision != "fp32":
+            raise UFlowError("--workers, --compile and --precision apply to run folders, not to an .onnx model")
         model = OnnxModel.load(args.run_dir)
     else:
         from .model import load
@@ -185,8 +188,6 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     paths = resolve_inputs(args.images)
     options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
     if args.workers:
-        if isinstance(model, OnnxModel):
-            raise UFlowError("--workers applies to run folders; an .onnx model segments in the main process")
         options["workers"] = args.workers
     stream = model.iter_predict(paths, **options)
     stream = tqdm(stream, total=len(paths), desc="predict", unit="img", disable=args.quiet)

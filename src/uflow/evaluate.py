@@ -238,7 +238,7 @@ def evaluate(
     result = Evaluation(category.name, _rounded(metrics), thresholds, records, settings, curves)
     if out is not None:
         out = Path(out)
-        atomic_write_text(out / "metrics.json", _json(result.to_dict()))
+        atomic_write_text(out / "metrics.json", json_text(result.to_dict()))
         if report:
             from .report import write_report
 
@@ -264,7 +264,7 @@ def _rounded(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else (None if isinstance(v, float) else v)) for k, v in metrics.items()}
 
 
-def _json(data: Any) -> str:
+def json_text(data: Any) -> str:
     """JSON text; infinite thresholds become "inf" / "-inf" (JSON has no infinity) and NaN null."""
     import json
 
