@@ -166,7 +166,7 @@ class UFlowModel:
                 if image is not None:
                     pending.append(as_float_image(image, square=square))
                 if pending and (len(pending) == batch_size or image is None):
-                    scores, maps, stats, sizes = self._forward(pending)
+                    scores, maps, stats, sizes = self._forward(pending, with_statistics=segment_options is not None)
                     paths = [path for _, path in pending]
                     pending = []
                     if segment_options is None:
@@ -187,13 +187,15 @@ class UFlowModel:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
 
-    def _forward(self, items: list[tuple[np.ndarray, Path | None]]) -> tuple[list[float], list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
+    def _forward(
+        self, items: list[tuple[np.ndarray, Path | None]], with_statistics: bool
+    ) -> tuple[list[float], list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
         """Scores, anomaly maps at image size, chi-square maps and image sizes of one batch."""
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])
         latents = self.latents(batch)
         sizes = [img.shape[:2] for img, _ in items]
         maps = [likelihood_map([z[i : i + 1] for z in latents], size)[0].cpu().numpy() for i, size in enumerate(sizes)]
-        stats = [s.cpu().numpy() for s in chi2_statistics(latents)]
+        stats = [s.cpu().numpy() for s in chi2_statistics(latents)] if with_statistics else []
         return [float(m.max()) for m in maps], maps, stats, sizes
 
     # ------------------------------------------------------------------ persistence
