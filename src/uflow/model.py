@@ -108,10 +108,14 @@ class UFlowModel:
             batch = batch.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         else:
             batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            features = (self._backbone or self.extractor)(batch)
-        z, _ = self.flow([f.float().contiguous() for f in features])
+        z, _ = self.flow([f.float().contiguous() for f in self.features(batch)])
         return z
+
+    @torch.no_grad()
+    def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features, finest first, of images (B, 3, S, S) in [0, 1] already on the model's device."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return (self._backbone or self.extractor)(batch)
 
     def predict(
         self,
