@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import weakref
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class UFlowModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"  # of the backbone; the flow always runs in float32
     _backbone: Any = field(default=None, repr=False)  # the extractor, or its torch.compile'd version
+    # Segmentation worker processes, kept between predict calls: starting spawned workers takes
+    # seconds, which would dominate every call on a GPU that scores thousands of images a second.
+    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
+    _pool_workers: int = field(default=0, repr=False)
 
     @property
     def backbone(self) -> str:
@@ -162,7 +167,7 @@ class UFlowModel:
         self, images: Iterable[ImageInput], batch_size: int, segment_options: tuple[float, TestCount, Null] | None, workers: int
     ) -> Iterator[Prediction]:
         square = self.extractor.spec.fixed_image_size
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers and segment_options else None
+        pool = self._segmentation_pool(workers) if workers and segment_options else None
         in_flight: deque[tuple[Future, list[float], list[np.ndarray], list[Path | None]]] = deque()
         try:
             pending: list[tuple[np.ndarray, Path | None]] = []
@@ -188,8 +193,22 @@ class UFlowModel:
                 job, scores, maps, paths = in_flight.popleft()
                 yield from self.calibration.predictions(scores, maps, paths, job.result())
         finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+            for job, *_ in in_flight:  # the caller stopped early or a batch failed
+                job.cancel()
+
+    def _segmentation_pool(self, workers: int) -> ProcessPoolExecutor:
+        if self._pool is None or self._pool_workers != workers:
+            self.close()
+            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool_workers = workers
+            weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the segmentation worker processes, if any (they are also stopped when the model is deleted)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _forward(
         self, items: list[tuple[np.ndarray, Path | None]], with_statistics: bool
