@@ -129,15 +129,15 @@ def job_uflow_predict(a: dict) -> dict:
 
 
 def job_uflow_backbone(a: dict) -> dict:
-    import numpy as np
     import torch
 
     import uflow
+    from uflow.images import as_float_image
     from uflow.model import to_model_input
 
     model = uflow.load(Path(a["out"]) / "run0", device=a["device"], weights=a["weights"], allow_download=False)
     model.accelerate(a["precision"], compile=a["compile"])
-    images = [to_model_input(np.asarray(x, dtype=np.float32) / 255, model.image_size) for x in _load_arrays(a["test"])]
+    images = [to_model_input(as_float_image(x)[0], model.image_size) for x in _load_arrays(a["test"])]
     memory_format = torch.channels_last if a["device"].startswith("cuda") else torch.contiguous_format
     size = a["batch_size"]
     batches = [torch.stack(images[i : i + size]).to(a["device"]).contiguous(memory_format=memory_format) for i in range(0, len(images), size)]
