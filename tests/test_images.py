@@ -60,3 +60,37 @@ def test_inputs_expand_folders_recursively_and_globs(tmp_path):
     found = resolve_inputs([str(tmp_path)])
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/000.png", "b/c/000.png"]
     assert resolve_inputs([str(tmp_path / "*" / "*.png"), str(tmp_path / "a" / "000.png")]) == [tmp_path / "a" / "000.png"]
+
+
+def test_every_mode_pillow_converts_is_read(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "c.jpg", quality=100)
+    out = read_image(tmp_path / "c.jpg")
+    expected = np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB"), np.float32) / 255
+    assert out.shape == (16, 16, 3) and np.array_equal(out, expected), "CMYK goes through Pillow's conversion"
+
+    Image.fromarray(rgb).convert("YCbCr").save(tmp_path / "y.jpg")
+    assert read_image(tmp_path / "y.jpg").shape == (16, 16, 3)
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(tmp_path / "f.tif")
+    assert np.allclose(read_image(tmp_path / "f.tif")[:, :, 0], ramp)
+    Image.fromarray(ramp * 1000, "F").save(tmp_path / "big.tif")
+    with pytest.raises(UFlowError, match=r"big\.tif: floating-point image with values outside"):
+        read_image(tmp_path / "big.tif")
+
+
+def test_encoded_bytes_are_read_like_files(tmp_path):
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "g.png")
+    data = (tmp_path / "g.png").read_bytes()
+    assert np.array_equal(read_image(data, name="upload"), read_image(tmp_path / "g.png"))
+    with pytest.raises(UFlowError, match="^upload: empty file$"):
+        read_image(b"", name="upload")
+    with pytest.raises(UFlowError, match=r"^upload: cannot read image \(not an image"):
+        read_image(b"plain text", name="upload")
+    noisy = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "n.png")
+    whole = (tmp_path / "n.png").read_bytes()
+    with pytest.raises(UFlowError, match=r"^upload: cannot read image \(file is truncated"):
+        read_image(whole[: len(whole) // 2], name="upload")

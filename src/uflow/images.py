@@ -2,17 +2,19 @@
 
 Industrial cameras deliver 8-bit and 16-bit monochrome as often as RGB, so
 gray, 16-bit and palette images are converted exactly (16-bit is scaled by its
-full range, not clipped). What cannot be converted without guessing - real
-transparency, float or CMYK data, truncated files - is refused with a message
-naming the file.
+full range, not clipped); every other mode Pillow can convert to RGB (CMYK,
+YCbCr, HSV, ...) is converted by Pillow. What cannot be converted without
+guessing - real transparency, float data outside [0, 1] and [0, 255],
+truncated files - is refused with a message naming the file.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -68,28 +70,36 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return list(result)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = None) -> np.ndarray:
     """Read an image as float32 RGB in [0, 1], shape (H, W, 3).
 
-    Raises :class:`UFlowError` naming the file for anything unreadable or ambiguous.
+    ``source`` is a path, the encoded bytes or a binary file object (an upload);
+    ``name`` is what error messages call it (default: the path, or "image").
+    Raises :class:`UFlowError` naming it for anything unreadable or ambiguous.
     """
-    path = Path(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise UFlowError(f"{name or 'image'}: empty file")
+        source = io.BytesIO(source)
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
-            return _to_rgb_float(img, path)
+            return _to_rgb_float(img, label)
     except UFlowError:
         raise
     except FileNotFoundError:
-        raise UFlowError(f"{path}: no such file") from None
+        raise UFlowError(f"{label}: no such file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "truncated" in reason.lower():
             reason = "file is truncated"
-        raise UFlowError(f"{path}: cannot read image ({reason})") from None
+        elif isinstance(exc, Image.UnidentifiedImageError):
+            reason = "not an image Pillow can decode"
+        raise UFlowError(f"{label}: cannot read image ({reason})") from None
 
 
-def _to_rgb_float(img: Image.Image, path: Path) -> np.ndarray:
+def _to_rgb_float(img: Image.Image, path: str) -> np.ndarray:
     mode = img.mode
     if img.width < 2 or img.height < 2:
         raise UFlowError(f"{path}: image is {img.width}x{img.height} pixels, too small")
@@ -101,18 +111,24 @@ def _to_rgb_float(img: Image.Image, path: Path) -> np.ndarray:
         gray = (gray / full_scale).astype(np.float32)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode == "F":
-        raise UFlowError(f"{path}: floating-point images are not supported; save as 8- or 16-bit")
-    if mode == "CMYK":
-        raise UFlowError(f"{path}: CMYK images are not supported; convert to RGB first")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        gray = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(gray).all() or gray.min() < 0 or gray.max() > 255:
+            raise UFlowError(f"{path}: floating-point image with values outside [0, 255]; save it as 8- or 16-bit")
+        # Float data in [0, 1] is taken as such; otherwise as Pillow reads it, on the 0..255 scale.
+        gray = gray if gray.max() <= 1 else gray / 255.0
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = np.asarray(img.convert("RGBA"))
         if rgba[:, :, 3].min() < 255:
             raise UFlowError(
                 f"{path}: image has transparent pixels, whose colour is undefined; flatten it onto a background first"
             )
         return rgba[:, :, :3].astype(np.float32) / 255.0
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return rgb
+    try:
+        rgb = img.convert("RGB")
+    except ValueError:
+        raise UFlowError(f"{path}: Pillow cannot convert mode {mode} images to RGB; save it as RGB or gray") from None
+    return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
