@@ -42,10 +42,34 @@ def test_default_extractor_uses_the_shipped_package_and_is_frozen():
         assert f.mean(dim=(1, 2, 3)).abs().max() < 1e-4
 
 
+def _plain_lite0_features():
+    """timm's own Lite0 feature model with the shipped weights, neither cut nor folded."""
+    import timm
+
+    from uflow.backbones import _fit_state_dict, _package_weights
+
+    plain = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
+    path, _ = _package_weights(get_spec("tf_efficientnet_lite0").weight_packages[0])
+    plain.load_state_dict(_fit_state_dict(torch.load(path, weights_only=True), plain, "tf_efficientnet_lite0", "test"))
+    return plain
+
+
+def test_cut_and_folded_backbone_gives_timms_features():
+    ext = build_feature_extractor("tf_efficientnet_lite0", 128, allow_download=False)
+    assert len(ext.models[0].blocks) == 5, "the two stride-32 stages after the last tap are not run"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ext.modules()), "every batch norm is folded"
+    x = torch.from_numpy(data.coffee()[:256, :256].copy()).permute(2, 0, 1).float()[None] / 255
+    x = F.interpolate(x, size=(128, 128), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = [F.layer_norm(m, m.shape[1:]) for m in _plain_lite0_features()((x - 0.5) / 0.5)]
+    for got, want in zip(ext(x), expected):
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+
+
 def test_weights_file_the_user_names_gives_the_same_features(tmp_path):
     ext = build_feature_extractor("tf_efficientnet_lite0", 64, allow_download=False)
     path = tmp_path / "lite0.safetensors"
-    save_file({k: v.contiguous() for k, v in ext.models[0].state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in _plain_lite0_features().state_dict().items()}, str(path))
     from_file = build_feature_extractor("tf_efficientnet_lite0", 64, weights=path, allow_download=False)
     assert from_file.weight_sources[0].kind == "file" and from_file.weight_sources[0].sha256
     x = torch.rand(1, 3, 64, 64)

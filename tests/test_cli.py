@@ -48,6 +48,11 @@ def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "noseg" / "000_mask.png").exists()
 
+    res = uflow_cli("predict", run, brick / "test", "--out", tmp_path / "maps", "--outputs", "map", "--quiet")
+    assert res.returncode == 0, res.stderr
+    written = sorted(p.name for p in (tmp_path / "maps").rglob("*") if p.is_file())
+    assert written == sorted(["errors.csv", "results.csv", "results.json"] + [f"{p.stem}_map.npy" for p in (brick / "test").rglob("*.png")])
+
 
 def _one_line_error(res, *needles):
     assert res.returncode == 1
@@ -70,9 +75,19 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_results(run_dir, brick, tmp_
     raw = (bad / "a.png").read_bytes()
     (bad / "b.png").write_bytes(raw[: len(raw) // 3])
     out = tmp_path / "out"
-    _one_line_error(uflow_cli("predict", run_dir, bad, "--out", out, "--quiet"), "b.png", "cannot read image")
+    _one_line_error(uflow_cli("predict", run_dir, bad, "--out", out, "--quiet", "--on-error", "stop"), "b.png", "cannot read image")
     assert not (out / "results.json").exists() and not (out / "a_overlay.png").exists()
     assert not list(out.glob(".uflow-partial-*"))
+
+    # By default a bad image is listed in errors.csv and the others are scored; the exit status says something failed.
+    _one_line_error(uflow_cli("predict", run_dir, bad, "--out", out, "--quiet"), "1 of 2 images could not be scored", "errors.csv", "b.png")
+    assert [r["path"] for r in csv.DictReader((out / "results.csv").open())] == [str(bad / "a.png")]
+    errors = list(csv.DictReader((out / "errors.csv").open()))
+    assert [e["path"] for e in errors] == [str(bad / "b.png")] and "truncated" in errors[0]["error"]
+    assert (out / "a_overlay.png").is_file() and not list(out.glob(".uflow-partial-*"))
+
+    _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", bad / "a.png"), "exists and is not a folder")
+    _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", out, "--outputs", "heatmap"), "outputs must be")
 
     _one_line_error(uflow_cli("predict", run_dir, tmp_path / "missing.png", "--out", out), "no such file")
     _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", out, "--epsilon", "0"), "epsilon")

@@ -293,7 +293,7 @@ class FeatureExtractor(nn.Module):
             source = load_pretrained(
                 arch, model, package, file, allow_download, lambda a=arch, k=kwargs: timm.create_model(a, pretrained=True, **k)
             )
-            self.models.append(model)
+            self.models.append(_for_inference(model))
             self.weight_sources.append(source)
         self.requires_grad_(False)
         self.eval()
@@ -317,6 +317,46 @@ class FeatureExtractor(nn.Module):
         else:
             maps = list(self.models[0](x))
         return [F.layer_norm(m, m.shape[1:]) for m in maps]
+
+
+def _for_inference(model: nn.Module) -> nn.Module:
+    """The frozen model, cut after its last tapped stage and with batch norms folded into the convolutions.
+
+    Neither changes a feature value (checked in the tests); together they take
+    about a fifth off EfficientNet-Lite0's CPU forward time. timm's
+    EfficientNet feature model runs every stage even when only the first
+    taps are asked for (the two stride-32 stages here).
+    """
+    stage_taps = getattr(model, "_stage_out_idx", None)  # timm EfficientNetFeatures: {stage: feature index}
+    if stage_taps and hasattr(model, "blocks"):
+        model.blocks = model.blocks[: max(stage_taps)]
+    fold_batch_norms(model.eval())
+    return model
+
+
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm that directly follows a convolution into that convolution; returns how many.
+
+    In a frozen network a batch norm is a fixed per-channel affine map, so the
+    convolution can apply it: one full pass over every feature map less. A
+    timm BatchNormAct2d keeps its activation (and dropout) in place of the norm.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None):
+                continue
+            scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+            conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.bias = nn.Parameter(bias, requires_grad=False)
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*after) if after else nn.Identity())
+            folded += 1
+    return folded
 
 
 def _cait_patch_map(model: nn.Module, x: torch.Tensor, n_blocks: int) -> torch.Tensor:

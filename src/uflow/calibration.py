@@ -67,16 +67,22 @@ class Calibration:
         return segment(stats, channels, sizes, epsilon=epsilon, test_count=test_count)
 
     def predictions(
-        self, scores: Sequence[float], maps: Sequence[np.ndarray], paths: Sequence[Path | None], segs: Sequence[Segmentation] | None
+        self,
+        scores: Sequence[float],
+        maps: Sequence[np.ndarray],
+        paths: Sequence[Path | None],
+        segs: Sequence[Segmentation] | None,
+        images: Sequence[np.ndarray] | None = None,
     ) -> list[Prediction]:
         """One Prediction per image: labelled by its detections, or by the score threshold without segmentation."""
         out = []
         for i, path in enumerate(paths):
+            image = None if images is None else images[i]
             if segs is not None:
                 seg = segs[i]
                 label = "anomalous" if seg.regions else "normal"
-                out.append(Prediction(float(scores[i]), maps[i], label, path, seg.mask, seg.log10_nfa, seg.regions))
+                out.append(Prediction(float(scores[i]), maps[i], label, path, seg.mask, seg.log10_nfa, seg.regions, image))
             else:
                 label = "anomalous" if scores[i] > self.score_threshold else "normal"
-                out.append(Prediction(float(scores[i]), maps[i], label, path))
+                out.append(Prediction(float(scores[i]), maps[i], label, path, image=image))
         return out

@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "--workers", type=int, default=0, help="processes that run the segmentation while the model computes the next batch (useful on a GPU; default 0)"
     )
+    pred.add_argument(
+        "--outputs",
+        default="overlay,map,mask",
+        help="per-image files to write: a comma-separated subset of overlay,map,mask, or none for the tables only (default all three)",
+    )
+    pred.add_argument(
+        "--on-error",
+        choices=["skip", "stop"],
+        default="skip",
+        help="an unreadable image: skip it, list it in errors.csv and exit 1 at the end (default), or stop at once and write nothing",
+    )
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_segmentation_args(pred)
     _add_common_model_args(pred)
@@ -172,10 +183,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from .images import resolve_inputs
+    from .images import input_base, iter_inputs
     from .onnx_model import OnnxModel
-    from .outputs import write_predictions
+    from .outputs import OutputLayout, ResultsWriter, parse_output_kinds
 
+    kinds = parse_output_kinds(args.outputs)
     if Path(args.run_dir).suffix == ".onnx":
         if args.workers or args.compile or args.precision != "fp32":
             raise UFlowError("--workers, --compile and --precision apply to run folders, not to an .onnx model")
@@ -185,12 +197,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
         model.accelerate(args.precision, compile=args.compile)
-    paths = resolve_inputs(args.images)
-    options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
-    if args.workers:
-        options["workers"] = args.workers
-    stream = model.iter_predict(paths, **options)
-    stream = tqdm(stream, total=len(paths), desc="predict", unit="img", disable=args.quiet)
+    paths = iter_inputs(args.images)
+    layout = OutputLayout(input_base(args.images), kinds, (model.calibration.display_low, model.calibration.display_high))
     meta = {
         "model": str(Path(args.run_dir).resolve()),
         "segmentation": not args.no_segmentation,
@@ -198,9 +206,21 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         "test_count": args.test_count,
         "null": args.null,
     }
-    rows = write_predictions(stream, paths, Path(args.out), (model.calibration.display_low, model.calibration.display_high), meta)
-    flagged = sum(r["label"] == "anomalous" for r in rows)
-    print(f"{len(rows)} images, {flagged} anomalous; results in {Path(args.out) / 'results.csv'}")
+    with ResultsWriter(args.out, layout, meta) as writer:
+        options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
+        if args.workers:
+            options["workers"] = args.workers
+        on_error = writer.add_error if args.on_error == "skip" else None
+        stream = model.iter_predict(paths, keep_images="overlay" in kinds, on_error=on_error, **options)
+        for pred in tqdm(stream, desc="predict", unit="img", disable=args.quiet):
+            writer.add(pred)
+        summary = writer.finish()
+    print(f"{summary.n_images} images, {summary.n_anomalous} anomalous; results in {Path(args.out) / 'results.csv'}")
+    if summary.n_errors:
+        raise UFlowError(
+            f"{summary.n_errors} of {summary.n_images + summary.n_errors} images could not be scored and are listed in "
+            f"{Path(args.out) / 'errors.csv'} (first: {summary.first_error})"
+        )
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

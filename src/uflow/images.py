@@ -14,7 +14,7 @@ import glob
 import io
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -38,8 +38,7 @@ def list_images(folder: Path, recursive: bool = True) -> list[Path]:
         raise UFlowError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise UFlowError(f"{folder}: is not a folder")
-    pattern = "**/*" if recursive else "*"
-    found = sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p))
+    found = list(_walk_images(folder)) if recursive else sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
     if not found:
         raise UFlowError(f"{folder}: contains no images ({', '.join(IMAGE_SUFFIXES)})")
     return found
@@ -47,27 +46,89 @@ def list_images(folder: Path, recursive: bool = True) -> list[Path]:
 
 def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns into a sorted, de-duplicated list."""
+    return list(iter_inputs(inputs))
+
+
+def iter_inputs(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
+    """Like :func:`resolve_inputs`, but yields paths as folders are walked, so millions of inputs are never all in memory.
+
+    Every argument is checked before the first path is yielded (a missing file
+    or a pattern that matches nothing fails at once). Folders are walked in
+    sorted order, one directory listing at a time; duplicates across arguments
+    are dropped (that needs a set of the paths seen, so only with several arguments).
+    """
     if not inputs:
         raise UFlowError("no input images given")
-    result: dict[Path, None] = {}
     for item in inputs:
-        text = str(item)
-        path = Path(text)
+        _check_input(str(item))
+    return _expand_all(inputs)
+
+
+def _expand_all(inputs: Sequence[str | os.PathLike]) -> Iterator[Path]:
+    seen: set[Path] | None = set() if len(inputs) > 1 else None
+    for item in inputs:
+        for match in _expand(str(item)):
+            if seen is not None:
+                if match in seen:
+                    continue
+                seen.add(match)
+            yield match
+
+
+def input_base(inputs: Sequence[str | os.PathLike]) -> Path:
+    """The folder that output paths mirror: the common folder of the arguments (a folder itself, a file's or a pattern's folder)."""
+    anchors = []
+    for item in inputs:
+        path = Path(item)
         if path.is_dir():
-            matches: Iterable[Path] = list_images(path)
-        elif path.is_file():
-            if not is_image_file(path):
-                raise UFlowError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
-            matches = [path]
-        elif glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True) if is_image_file(Path(p)) and Path(p).is_file())
-            if not matches:
-                raise UFlowError(f"{text}: pattern matches no images")
+            anchors.append(path.resolve())
+        elif glob.has_magic(str(item)):
+            fixed = [part for part in path.parts[: next(i for i, p in enumerate(path.parts) if glob.has_magic(p))]]
+            anchors.append(Path(*fixed).resolve() if fixed else Path.cwd())
         else:
-            raise UFlowError(f"{text}: no such file or folder")
-        for match in matches:
-            result.setdefault(match, None)
-    return list(result)
+            anchors.append(path.resolve().parent)
+    return Path(os.path.commonpath(anchors))
+
+
+def _check_input(text: str) -> None:
+    path = Path(text)
+    if path.is_dir():
+        if next(_walk_images(path), None) is None:
+            raise UFlowError(f"{path}: contains no images ({', '.join(IMAGE_SUFFIXES)})")
+    elif path.is_file():
+        if not is_image_file(path):
+            raise UFlowError(f"{path}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    elif glob.has_magic(text):
+        if next(_expand(text), None) is None:
+            raise UFlowError(f"{text}: pattern matches no images")
+    else:
+        raise UFlowError(f"{text}: no such file or folder")
+
+
+def _expand(text: str) -> Iterator[Path]:
+    path = Path(text)
+    if path.is_dir():
+        yield from _walk_images(path)
+    elif path.is_file():
+        yield path
+    else:
+        yield from sorted(Path(p) for p in glob.glob(text, recursive=True) if is_image_file(Path(p)) and Path(p).is_file())
+
+
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` in the order of a sorted recursive listing, one directory in memory at a time.
+
+    Hidden folders (``.git``, uflow's own ``.uflow-partial-*`` staging) are skipped.
+    """
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            if entry.name.startswith("."):
+                continue
+            yield from _walk_images(path)
+        elif entry.is_file() and is_image_file(path):
+            yield path
 
 
 def read_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = None) -> np.ndarray:
@@ -147,6 +208,23 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 
 ImageInput = str | os.PathLike | np.ndarray
+ErrorHandler = Callable[[Path | None, str], None]
+
+
+def read_inputs(images: Iterable[ImageInput], *, square: bool = False, on_error: ErrorHandler | None = None) -> Iterator[tuple[np.ndarray, Path | None]]:
+    """:func:`as_float_image` over a stream of inputs.
+
+    Without ``on_error`` the first unreadable image raises; with it, that image
+    is reported as ``on_error(path, message)`` and skipped, so one bad file
+    among a million does not throw away the rest.
+    """
+    for image in images:
+        try:
+            yield as_float_image(image, square=square)
+        except UFlowError as exc:
+            if on_error is None:
+                raise
+            on_error(None if isinstance(image, np.ndarray) else Path(image), str(exc))
 
 
 def as_float_image(image: ImageInput, *, square: bool = False) -> tuple[np.ndarray, Path | None]:

@@ -28,7 +28,7 @@ from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
 from .errors import UFlowError
 from .flow import FlowConfig, UFlow
-from .images import ImageInput, as_float_image
+from .images import ErrorHandler, ImageInput, read_inputs
 from .result import Prediction
 from .segmentation import TestCount
 
@@ -132,12 +132,19 @@ class UFlowModel:
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
+        keep_images: bool = False,
+        on_error: ErrorHandler | None = None,
     ) -> list[Prediction]:
-        """Score images (paths or arrays); one :class:`Prediction` per image, in order."""
+        """Score images (paths or arrays); one :class:`Prediction` per image, in order.
+
+        ``keep_images`` keeps the scored RGB image in each prediction (for
+        overlays). ``on_error(path, message)``, when given, receives images that
+        cannot be read, which are then skipped instead of stopping the call.
+        """
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
         options = {"batch_size": batch_size, "segmentation": segmentation, "epsilon": epsilon, "test_count": test_count, "null": null}
-        return list(self.iter_predict(images, workers=workers, **options))
+        return list(self.iter_predict(images, workers=workers, keep_images=keep_images, on_error=on_error, **options))
 
     def iter_predict(
         self,
@@ -149,6 +156,8 @@ class UFlowModel:
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
+        keep_images: bool = False,
+        on_error: ErrorHandler | None = None,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict` but yields as batches finish, so outputs can be written while the rest runs.
 
@@ -161,39 +170,40 @@ class UFlowModel:
         if workers < 0:
             raise UFlowError(f"workers must be 0 or more, got {workers}")
         segment_options = (epsilon, test_count, null) if segmentation else None
-        return self._stream(images, batch_size, segment_options, workers)
+        items = read_inputs(images, square=self.extractor.spec.fixed_image_size, on_error=on_error)
+        return self._stream(items, batch_size, segment_options, workers, keep_images)
 
     def _stream(
-        self, images: Iterable[ImageInput], batch_size: int, segment_options: tuple[float, TestCount, Null] | None, workers: int
+        self,
+        items: Iterator[tuple[np.ndarray, Path | None]],
+        batch_size: int,
+        segment_options: tuple[float, TestCount, Null] | None,
+        workers: int,
+        keep_images: bool,
     ) -> Iterator[Prediction]:
-        square = self.extractor.spec.fixed_image_size
         pool = self._segmentation_pool(workers) if workers and segment_options else None
-        in_flight: deque[tuple[Future, list[float], list[np.ndarray], list[Path | None]]] = deque()
+        in_flight: deque[tuple[Future, tuple]] = deque()
         try:
-            pending: list[tuple[np.ndarray, Path | None]] = []
-            for image in itertools.chain(images, [None]):
-                if image is not None:
-                    pending.append(as_float_image(image, square=square))
-                if pending and (len(pending) == batch_size or image is None):
-                    scores, maps, stats, sizes = self._forward(pending, with_statistics=segment_options is not None)
-                    paths = [path for _, path in pending]
-                    pending = []
-                    if segment_options is None:
-                        yield from self.calibration.predictions(scores, maps, paths, None)
-                    elif pool is None:
-                        segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, *segment_options)
-                        yield from self.calibration.predictions(scores, maps, paths, segs)
-                    else:
-                        job = pool.submit(self.calibration.segment, stats, self.flow.latent_channels, sizes, *segment_options)
-                        in_flight.append((job, scores, maps, paths))
-                        while len(in_flight) > workers:  # keep the workers busy, the memory bounded
-                            job, scores, maps, paths = in_flight.popleft()
-                            yield from self.calibration.predictions(scores, maps, paths, job.result())
+            for batch in iter(lambda: list(itertools.islice(items, batch_size)), []):
+                scores, maps, stats, sizes = self._forward(batch, with_statistics=segment_options is not None)
+                paths = [path for _, path in batch]
+                images = [img for img, _ in batch] if keep_images else None
+                if segment_options is None:
+                    yield from self.calibration.predictions(scores, maps, paths, None, images)
+                elif pool is None:
+                    segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, *segment_options)
+                    yield from self.calibration.predictions(scores, maps, paths, segs, images)
+                else:
+                    job = pool.submit(self.calibration.segment, stats, self.flow.latent_channels, sizes, *segment_options)
+                    in_flight.append((job, (scores, maps, paths, images)))
+                    while len(in_flight) > workers:  # keep the workers busy, the memory bounded
+                        job, (scores, maps, paths, images) = in_flight.popleft()
+                        yield from self.calibration.predictions(scores, maps, paths, job.result(), images)
             while in_flight:
-                job, scores, maps, paths = in_flight.popleft()
-                yield from self.calibration.predictions(scores, maps, paths, job.result())
+                job, (scores, maps, paths, images) = in_flight.popleft()
+                yield from self.calibration.predictions(scores, maps, paths, job.result(), images)
         finally:
-            for job, *_ in in_flight:  # the caller stopped early or a batch failed
+            for job, _ in in_flight:  # the caller stopped early or a batch failed
                 job.cancel()
 
     def _segmentation_pool(self, workers: int) -> ProcessPoolExecutor:
@@ -211,7 +221,7 @@ class UFlowModel:
             self._pool = None
 
     def _forward(
-        self, items: list[tuple[np.ndarray, Path | None]], with_statistics: bool
+        self, items: Sequence[tuple[np.ndarray, Path | None]], with_statistics: bool
     ) -> tuple[list[float], list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
         """Scores, anomaly maps at image size, chi-square maps and image sizes of one batch."""
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])

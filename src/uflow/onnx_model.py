@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .calibration import Calibration, Null, check_options
 from .errors import UFlowError
-from .images import ImageInput, as_float_image
+from .images import ErrorHandler, ImageInput, read_inputs
 from .result import Prediction
 from .segmentation import TestCount
 
@@ -79,12 +79,14 @@ class OnnxModel:
         epsilon: float = 1.0,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
+        keep_images: bool = False,
+        on_error: ErrorHandler | None = None,
     ) -> list[Prediction]:
         """Score images (paths or arrays); one :class:`Prediction` per image, as :meth:`UFlowModel.predict`."""
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
         options = {"batch_size": batch_size, "segmentation": segmentation, "epsilon": epsilon, "test_count": test_count, "null": null}
-        return list(self.iter_predict(images, **options))
+        return list(self.iter_predict(images, keep_images=keep_images, on_error=on_error, **options))
 
     def iter_predict(
         self,
@@ -95,28 +97,28 @@ class OnnxModel:
         epsilon: float = 1.0,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
+        keep_images: bool = False,
+        on_error: ErrorHandler | None = None,
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding as images finish; options are checked at once."""
         check_options(epsilon, test_count, null)
-        return self._stream(images, batch_size, segmentation, epsilon, test_count, null)
+        segment_options = (epsilon, test_count, null) if segmentation else None
+        return self._stream(read_inputs(images, on_error=on_error), batch_size, segment_options, keep_images)
 
     def _stream(
-        self, images: Iterable[ImageInput], batch_size: int, segmentation: bool, epsilon: float, test_count: TestCount, null: Null
+        self, items: Iterable[tuple[np.ndarray, Path | None]], batch_size: int, segment_options: tuple | None, keep_images: bool
     ) -> Iterator[Prediction]:
         # The graph takes one H x W per call; images of equal size share a batch.
         pending: list[tuple[np.ndarray, Path | None]] = []
-        for image in images:
-            item = as_float_image(image)
+        for item in items:
             if pending and (len(pending) == batch_size or pending[0][0].shape != item[0].shape):
-                yield from self._run(pending, segmentation, epsilon, test_count, null)
+                yield from self._run(pending, segment_options, keep_images)
                 pending = []
             pending.append(item)
         if pending:
-            yield from self._run(pending, segmentation, epsilon, test_count, null)
+            yield from self._run(pending, segment_options, keep_images)
 
-    def _run(
-        self, items: list[tuple[np.ndarray, Path | None]], segmentation: bool, epsilon: float, test_count: TestCount, null: Null
-    ) -> list[Prediction]:
+    def _run(self, items: list[tuple[np.ndarray, Path | None]], segment_options: tuple | None, keep_images: bool) -> list[Prediction]:
         batch = np.stack([img for img, _ in items])
         if self.description["onnx"]["input_dtype"] == "uint8":
             # Exact for 8-bit images; deeper images lose their low bits here, as they would in any uint8 pipeline.
@@ -124,7 +126,8 @@ class OnnxModel:
         outputs = self.session.run(None, {"image": batch})
         scores, maps, stats = outputs[0], outputs[1], outputs[2:]
         segs = None
-        if segmentation:
+        if segment_options is not None:
             sizes = [img.shape[:2] for img, _ in items]
-            segs = self.calibration.segment(stats, self.latent_channels, sizes, epsilon, test_count, null)
-        return self.calibration.predictions(scores, list(maps), [path for _, path in items], segs)
+            segs = self.calibration.segment(stats, self.latent_channels, sizes, *segment_options)
+        images = [img for img, _ in items] if keep_images else None
+        return self.calibration.predictions(scores, list(maps), [path for _, path in items], segs, images)

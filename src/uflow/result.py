@@ -20,7 +20,9 @@ class Prediction:
     ``mask`` is ``log10_nfa < log10(epsilon)`` and ``regions`` the detections;
     ``label`` is "anomalous" when there is at least one detection. Without
     segmentation the label compares ``score`` with the threshold set on
-    held-out normal images at training time.
+    held-out normal images at training time. ``image`` is the RGB image as
+    scored, float32 (H, W, 3) in [0, 1], kept only when asked for
+    (``keep_images=True``), to draw overlays without reading the file again.
     """
 
     score: float
@@ -30,6 +32,7 @@ class Prediction:
     mask: np.ndarray | None = None
     log10_nfa: np.ndarray | None = None
     regions: list[Region] = field(default_factory=list)
+    image: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def is_anomalous(self) -> bool:
