@@ -7,6 +7,7 @@ both turn scores, maps and chi-square statistic maps into the same
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -63,8 +64,8 @@ class Calibration:
         """A contrario segmentation of a batch of chi-square statistic maps under the chosen null."""
         if null == "calibrated" and self.chi2_scale is not None:
             stats = [s / a for s, a in zip(stats, self.chi2_scale)]
-            return segment(stats, self.chi2_dof, sizes, epsilon=epsilon, test_count=test_count, pixels_per_sample=self.pixels_per_sample)
-        return segment(stats, channels, sizes, epsilon=epsilon, test_count=test_count)
+            return segment(stats, self.chi2_dof, sizes, log10_epsilon=math.log10(epsilon), test_count=test_count, pixels_per_sample=self.pixels_per_sample)
+        return segment(stats, channels, sizes, log10_epsilon=math.log10(epsilon), test_count=test_count)
 
     def predictions(
         self, scores: Sequence[float], maps: Sequence[np.ndarray], paths: Sequence[Path | None], segs: Sequence[Segmentation] | None
