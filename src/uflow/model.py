@@ -128,12 +128,17 @@ class UFlowModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
     ) -> list[Prediction]:
-        """Score images (paths or arrays); one :class:`Prediction` per image, in order."""
+        """Score images (paths or arrays); one :class:`Prediction` per image, in order.
+
+        Regions are detected at the run's verified threshold (``calibration.promise``:
+        at most its rate of normal images flagged) unless ``epsilon`` is given,
+        which detects at log10 NFA < log10 epsilon, the paper's rule.
+        """
         if isinstance(images, (str, os.PathLike, np.ndarray)):
             images = [images]
         options = {"batch_size": batch_size, "segmentation": segmentation, "epsilon": epsilon, "test_count": test_count, "null": null}
@@ -145,7 +150,7 @@ class UFlowModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
@@ -158,13 +163,15 @@ class UFlowModel:
         Options are checked at once, not when the first result is asked for.
         """
         check_options(epsilon, test_count, null)
+        if segmentation:
+            self.calibration.log10_threshold(epsilon, test_count, null)  # refuses a threshold the run cannot give
         if workers < 0:
             raise UFlowError(f"workers must be 0 or more, got {workers}")
         segment_options = (epsilon, test_count, null) if segmentation else None
         return self._stream(images, batch_size, segment_options, workers)
 
     def _stream(
-        self, images: Iterable[ImageInput], batch_size: int, segment_options: tuple[float, TestCount, Null] | None, workers: int
+        self, images: Iterable[ImageInput], batch_size: int, segment_options: tuple[float | None, TestCount, Null] | None, workers: int
     ) -> Iterator[Prediction]:
         square = self.extractor.spec.fixed_image_size
         pool = self._segmentation_pool(workers) if workers and segment_options else None

@@ -76,7 +76,7 @@ class OnnxModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
     ) -> list[Prediction]:
@@ -92,16 +92,18 @@ class OnnxModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding as images finish; options are checked at once."""
         check_options(epsilon, test_count, null)
+        if segmentation:
+            self.calibration.log10_threshold(epsilon, test_count, null)  # refuses a threshold the run cannot give
         return self._stream(images, batch_size, segmentation, epsilon, test_count, null)
 
     def _stream(
-        self, images: Iterable[ImageInput], batch_size: int, segmentation: bool, epsilon: float, test_count: TestCount, null: Null
+        self, images: Iterable[ImageInput], batch_size: int, segmentation: bool, epsilon: float | None, test_count: TestCount, null: Null
     ) -> Iterator[Prediction]:
         # The graph takes one H x W per call; images of equal size share a batch.
         pending: list[tuple[np.ndarray, Path | None]] = []
@@ -115,7 +117,7 @@ class OnnxModel:
             yield from self._run(pending, segmentation, epsilon, test_count, null)
 
     def _run(
-        self, items: list[tuple[np.ndarray, Path | None]], segmentation: bool, epsilon: float, test_count: TestCount, null: Null
+        self, items: list[tuple[np.ndarray, Path | None]], segmentation: bool, epsilon: float | None, test_count: TestCount, null: Null
     ) -> list[Prediction]:
         batch = np.stack([img for img, _ in items])
         if self.description["onnx"]["input_dtype"] == "uint8":

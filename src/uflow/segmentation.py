@@ -455,22 +455,17 @@ def segment(
     :func:`correlation_area`. Returns, per image, the log10 NFA map at its
     output size (each scale's surviving leaves brought to that size by
     :func:`upsample_for_threshold`, then the minimum over scales; inf where no
-    leaf covers), the mask ``log10 NFA < log10_epsilon`` and the regions below
-    that threshold, sorted by NFA.
+    leaf covers), the mask of the leaves with ``log10 NFA < log10_epsilon``
+    (equal to thresholding that map, up to its float32 rounding) and those
+    leaves as regions, sorted by NFA.
     """
-    if not np.isfinite(log10_epsilon) and log10_epsilon != -np.inf:
+    if np.isnan(log10_epsilon):
         raise ValueError("log10 epsilon must be a number")
-    if test_count not in TEST_COUNTS:
-        raise ValueError(f"test_count must be one of {TEST_COUNTS}")
-    grids = [m.shape[1:] for m in chi2_maps]
-    paper_log10 = log10_paper_test_count(grids) if test_count == "paper" else 0.0
-    scorers = [
-        node_nfa(dof, h * w, len(grids), test_count, paper_log10, 1.0 if pixels_per_sample is None else pixels_per_sample[level])
-        for level, (dof, (h, w)) in enumerate(zip(channels, grids))
-    ]
+    scorers = _scorers(chi2_maps, channels, test_count, pixels_per_sample)
     results = []
     for b, out in enumerate(output_sizes):
         nfa_map = np.full(out, np.inf, dtype=np.float32)
+        mask = np.zeros(out, dtype=bool)
         regions: list[Region] = []
         for level, (maps, scorer) in enumerate(zip(chi2_maps, scorers)):
             leaves = simplify_tree(np.asarray(maps[b]), scorer)
@@ -487,10 +482,34 @@ def segment(
             values, upsampled = upsample_for_threshold(grid.reshape(maps.shape[1:]), out, labels)
             np.minimum(nfa_map, values, out=nfa_map)
             if upsampled is not None:
+                mask |= upsampled > 0  # decided in float64, so mask and regions agree at the threshold itself
                 regions.extend(_regions(leaves.log10_nfa[significant], upsampled, level))
         regions.sort(key=lambda r: r.log10_nfa)
-        results.append(Segmentation(nfa_map, nfa_map < log10_epsilon, regions))
+        results.append(Segmentation(nfa_map, mask, regions))
     return results
+
+
+def smallest_log10_nfa(
+    chi2_maps: Sequence[np.ndarray], channels: Sequence[float], test_count: TestCount = "per_size", pixels_per_sample: Sequence[float] | None = None
+) -> np.ndarray:
+    """Per image of a batch, the smallest log10 NFA among the surviving leaves of every scale.
+
+    An image has a detection at threshold t iff this is below t; arguments as :func:`segment`.
+    """
+    scorers = _scorers(chi2_maps, channels, test_count, pixels_per_sample)
+    batch = len(chi2_maps[0])
+    return np.array([min(float(simplify_tree(np.asarray(maps[b]), f).log10_nfa.min()) for maps, f in zip(chi2_maps, scorers)) for b in range(batch)])
+
+
+def _scorers(chi2_maps: Sequence[np.ndarray], channels: Sequence[float], test_count: TestCount, pixels_per_sample: Sequence[float] | None) -> list[NodeNFA]:
+    if test_count not in TEST_COUNTS:
+        raise ValueError(f"test_count must be one of {TEST_COUNTS}")
+    grids = [m.shape[1:] for m in chi2_maps]
+    paper_log10 = log10_paper_test_count(grids) if test_count == "paper" else 0.0
+    return [
+        node_nfa(dof, h * w, len(grids), test_count, paper_log10, 1.0 if pixels_per_sample is None else pixels_per_sample[level])
+        for level, (dof, (h, w)) in enumerate(zip(channels, grids))
+    ]
 
 
 def _regions(log10_nfa: np.ndarray, labels: np.ndarray, level: int) -> list[Region]:
