@@ -72,13 +72,16 @@ def main() -> None:
     summary = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, {model.device}".strip(),
         "date": time.strftime("%Y-%m-%d"),
-        "train_cells": model.training["n_train"] + model.training["n_val"],
+        "train_cells": sum(model.training[k] for k in ("n_train", "n_val", "n_calibration", "n_verification")),
         "fit_seconds": round(fit_seconds, 1),
         "best_epoch": model.training["best_epoch"],
         "image_auroc": m["image_auroc"],
         "defective_flagged": f"{m['anomalous_flagged']}/{m['n_anomalous']}",
         "normal_flagged": f"{m['normal_flagged']}/{m['n_normal']}",
-        "normal_val_flagged": f"{m['normal_flagged_val']}/{m['n_val']}",
+        "false_alarm_promised": m["false_alarm_promised"],
+        "verification_flagged": f"{m['verification_flagged']}/{m['n_verification']}",
+        "verification_upper_95": m["false_alarm_verified_upper_95"],
+        "score_tpr_at_same_fpr": m["score_tpr_at_same_fpr"],
         "defective_over_score_threshold": f"{m['anomalous_over_score_threshold']}/{m['n_anomalous']}",
         "normal_over_score_threshold": f"{m['normal_over_score_threshold']}/{m['n_normal']}",
     }

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+import uflow
+
 
 def uflow_cli(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -38,7 +40,8 @@ def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
     n_images = len(list((brick / "test").rglob("*.png")))
     assert len(rows) == n_images and {r["label"] for r in rows} <= {"normal", "anomalous"}
     summary = json.loads((out / "results.json").read_text())
-    assert len(summary["images"]) == n_images and summary["epsilon"] == 1.0
+    assert len(summary["images"]) == n_images and summary["epsilon"] is None
+    assert summary["log10_nfa_threshold"] == uflow.load(run).calibration.promise.log10_nfa_threshold
     assert len({r["outputs"]["map"] for r in summary["images"]}) == n_images, "same-named files never collide"
     overlay = np.asarray(Image.open(out / "good" / "000_overlay.png"))
     assert overlay.shape == (96, 96, 3)

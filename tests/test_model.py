@@ -18,7 +18,7 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert config["uflow_version"] == uflow.__version__
     assert config["backbone_weights"][0]["kind"] == "package"
     t = config["training"]
-    assert t["n_train"] + t["n_val"] == 16 and t["n_val"] >= 1
+    assert t["n_train"] + t["n_val"] + t["n_calibration"] + t["n_verification"] == 16 and t["n_val"] >= 1
     assert 1 <= t["best_epoch"] <= t["epochs_run"] and np.isfinite(t["best_val_nll"])
     assert (run_dir / WEIGHTS_NAME).is_file()
     assert not list(run_dir.glob(".*tmp")), "no temporary files left behind"
@@ -60,17 +60,17 @@ def test_training_is_reproducible(brick):
 
 
 def test_divergence_stops_with_a_clear_message_and_writes_nothing_false(brick, tmp_path):
-    with pytest.raises(uflow.UFlowError, match=r"training loss became (nan|inf) at epoch 1 .*nothing saved.*lower --lr"):
+    with pytest.raises(uflow.UFlowError, match=r"(training loss|validation NLL) became (nan|inf) at epoch 1 .*nothing saved.*lower --lr"):
         uflow.fit(brick, tmp_path / "run", **{**SMALL, "epochs": 5, "lr": 1e3})
     assert not (tmp_path / "run" / CONFIG_NAME).exists()
 
 
 def test_too_few_images_are_refused(tmp_path, brick):
-    folder = tmp_path / "two"
+    folder = tmp_path / "three"
     folder.mkdir()
-    for p in sorted((brick / "train" / "good").glob("*.png"))[:2]:
+    for p in sorted((brick / "train" / "good").glob("*.png"))[:3]:
         shutil.copy(p, folder / p.name)
-    with pytest.raises(uflow.UFlowError, match="at least 3"):
+    with pytest.raises(uflow.UFlowError, match="at least 4"):
         uflow.fit(folder, **SMALL)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .calibration import NULLS
+from .calibration import FALSE_ALARM_RATE, NULLS
 from .errors import UFlowError
 
 try:
@@ -28,7 +29,13 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_segmentation_args(p: argparse.ArgumentParser, with_switch: bool = True) -> None:
-    p.add_argument("--epsilon", type=float, default=1.0, help="expected false detections per normal image allowed (default 1)")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="detect at log10 NFA < log10 EPSILON, the paper's rule (expected false detections per image under its null; "
+        "unverified). Default: the run's verified threshold",
+    )
     if with_switch:
         p.add_argument("--no-segmentation", action="store_true", help="skip the a contrario segmentation (maps and scores only)")
     p.add_argument(
@@ -59,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=16)
     fit.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
     fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation NLL")
-    fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images held out for validation (default 0.15)")
+    fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images that choose the epoch and fit the null (default 0.15)")
+    fit.add_argument(
+        "--false-alarm-rate", type=float, default=FALSE_ALARM_RATE, help="promise: share of normal images allowed any detection (default 0.05)"
+    )
+    fit.add_argument("--calibration-fraction", type=float, default=0.2, help="share of normal images that set the threshold (default 0.2)")
+    fit.add_argument(
+        "--verification-fraction", type=float, default=0.2, help="share of normal images, used for nothing else, that check it (default 0.2)"
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common_model_args(fit)
@@ -157,27 +171,34 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_fit(args: argparse.Namespace) -> None:
     from .train import fit
 
-    model = fit(
-        args.data,
-        args.out,
-        backbone=args.backbone,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        device=args.device,
-        weights=args.weights,
-        allow_download=not args.no_download,
-        progress=not args.quiet,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning about too few images is part of the promise line printed below
+        model = fit(
+            args.data,
+            args.out,
+            backbone=args.backbone,
+            image_size=args.image_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            patience=args.patience,
+            val_fraction=args.val_fraction,
+            calibration_fraction=args.calibration_fraction,
+            verification_fraction=args.verification_fraction,
+            false_alarm_rate=args.false_alarm_rate,
+            seed=args.seed,
+            device=args.device,
+            weights=args.weights,
+            allow_download=not args.no_download,
+            progress=not args.quiet,
+        )
     t = model.training
     print(
-        f"trained {model.backbone} on {t['n_train']} images ({t['n_val']} held out): best epoch {t['best_epoch']}/{t['epochs_run']}, "
+        f"trained {model.backbone} on {t['n_train']} images ({t['n_val']} to stop and fit the null, {t['n_calibration']} to calibrate, "
+        f"{t['n_verification']} to verify): best epoch {t['best_epoch']}/{t['epochs_run']}, "
         f"val NLL {t['best_val_nll']:.4f} nats/dim, {t['seconds']} s; model in {args.out}"
     )
+    print(model.calibration.promise.note)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -203,6 +224,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         "model": str(Path(args.run_dir).resolve()),
         "segmentation": not args.no_segmentation,
         "epsilon": args.epsilon,
+        "log10_nfa_threshold": model.calibration.log10_threshold(args.epsilon, args.test_count, args.null) if not args.no_segmentation else None,
         "test_count": args.test_count,
         "null": args.null,
     }

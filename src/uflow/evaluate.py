@@ -22,7 +22,7 @@ from .files import atomic_write_text
 from .errors import UFlowError
 from .images import IMAGE_SUFFIXES, as_float_image, list_images, read_mask
 from .metrics import Curve, PixelStatistics, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve
-from .calibration import Null
+from .calibration import Null, binomial_upper_bound
 from .model import UFlowModel, to_model_input
 from .segmentation import TestCount
 from .train import training_images
@@ -144,7 +144,7 @@ def evaluate(
     out: str | os.PathLike | None = None,
     *,
     batch_size: int = 16,
-    epsilon: float = 1.0,
+    epsilon: float | None = None,
     test_count: TestCount = "per_size",
     null: Null = "calibrated",
     report: bool = True,
@@ -152,6 +152,13 @@ def evaluate(
     progress: bool = True,
 ) -> Evaluation:
     """Score every test image of an MVTec-style category and compute the field's metrics.
+
+    Detection is at the run's verified threshold unless ``epsilon`` is given
+    (log10 NFA < log10 epsilon, the paper's rule). The metrics put the
+    promised false-alarm rate, the rate measured on the run's verification
+    images and the rate on this test set's normal images side by side, with
+    the share of defective images detected and the best share any threshold
+    on the image score reaches at the same test false-alarm rate.
 
     Writes ``metrics.json`` (and ``report.html`` with its figures unless
     ``report`` is False) into ``out`` when given.
@@ -184,23 +191,38 @@ def evaluate(
 
     scores = np.array([float(m.max()) for m in maps])
     anomalous = np.array([it.anomalous for it in items])
-    log_eps = math.log10(epsilon)
+    log_eps = model.calibration.log10_threshold(epsilon, test_count, null)
     detected = [v < log_eps for v in nfas]
     flagged = np.array([d.any() for d in detected])
+    promise = model.calibration.promise if epsilon is None else None
+    n_normal, normal_flagged = int((~anomalous).sum()), int(flagged[~anomalous].sum())
+    test_rate = normal_flagged / n_normal if n_normal else float("nan")
+    roc = image_roc(scores, anomalous)
     metrics: dict[str, Any] = {
         "image_auroc": image_auroc(scores, anomalous),
-        "n_normal": int((~anomalous).sum()),
+        # The image's most significant region as a score: what the automatic threshold decides on.
+        "image_auroc_nfa": image_auroc([-float(np.min(v)) for v in nfas], anomalous),
+        "n_normal": n_normal,
         "n_anomalous": int(anomalous.sum()),
         "anomalous_flagged": int(flagged[anomalous].sum()),
-        "normal_flagged": int(flagged[~anomalous].sum()),
-        "normal_flagged_val": int(sum((v < log_eps).any() for v in val_nfa)),
+        "normal_flagged": normal_flagged,
+        "false_alarm_promised": promise.rate if promise else None,
+        "n_verification": promise.verification_images if promise else None,
+        "verification_flagged": promise.verification_flagged if promise else None,
+        "false_alarm_verified": promise.verification_rate if promise else None,
+        "false_alarm_verified_upper_95": promise.verification_upper_95 if promise else None,
+        "false_alarm_test": test_rate,
+        "false_alarm_test_upper_95": binomial_upper_bound(normal_flagged, n_normal),
+        "detected": float(flagged[anomalous].mean()) if anomalous.any() else float("nan"),
+        # Power any threshold on the image score reaches without flagging more test normals than the automatic one.
+        "score_tpr_at_same_fpr": float(roc.y[roc.x <= test_rate + 1e-12].max()) if anomalous.any() and n_normal else float("nan"),
         # The image-level rule without segmentation: score above every held-out normal image's score.
         "anomalous_over_score_threshold": int((scores[anomalous] > model.calibration.score_threshold).sum()),
         "normal_over_score_threshold": int((scores[~anomalous] > model.calibration.score_threshold).sum()),
         "n_val": len(val_nfa),
     }
     thresholds = {"auto": log_eps, "fair": fair_threshold(val_nfa)}
-    curves = {"image_roc": image_roc(scores, anomalous)}
+    curves = {"image_roc": roc}
     iou = np.full(len(items), np.nan)
     if has_masks:
         curve = miou_curve(nfas, truths, also=[thresholds["auto"], thresholds["fair"]])
@@ -231,6 +253,8 @@ def evaluate(
         "image_size": size,
         "resolution": f"{size}x{size} (masks resized by nearest neighbour)",
         "epsilon": epsilon,
+        "log10_nfa_threshold": log_eps,
+        "threshold_from": promise.note if promise else ("epsilon" if epsilon is not None else "epsilon = 1 (run without a promise)"),
         "test_count": test_count,
         "null": null,
         "fair_threshold_from": f"{len(val_paths)} {fair_source}",
@@ -299,15 +323,33 @@ def format_value(value: Any, kind: str) -> str:
     return f"{100 * value:.2f}" if kind == "pct" else f"{value:.3f}"
 
 
+def _share(flagged: int | None, n: int | None) -> str:
+    return "-" if flagged is None or not n else f"{flagged}/{n} ({100 * flagged / n:.1f}%)"
+
+
 def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> list[list[str]]:
-    """Header plus one row per (name, metrics), plus the mean row as the paper's tables have it."""
-    header = ["category"] + [title for _, title, _ in COLUMNS] + ["flagged: defective", "flagged: normal"]
+    """Header plus one row per (name, metrics), plus the mean row as the paper's tables have it.
+
+    The false-alarm columns put side by side the promised rate, the rate
+    measured on the run's verification images (with its 95 % upper bound) and
+    the share of this test set's normal images flagged.
+    """
+    header = ["category"] + [title for _, title, _ in COLUMNS] + ["flagged: defective", "flagged: normal", "FA promised", "FA verified (95% bound)"]
     out = [header]
+
+    def false_alarm_cells(m: dict[str, Any]) -> list[str]:
+        promised = m.get("false_alarm_promised")
+        verified = _share(m.get("verification_flagged"), m.get("n_verification"))
+        if verified != "-":
+            verified += f" <= {100 * m['false_alarm_verified_upper_95']:.1f}%"
+        return ["-" if promised is None else f"{100 * promised:.1f}%", verified]
+
     for name, m in rows:
         out.append(
             [name]
             + [format_value(m.get(key), kind) for key, _, kind in COLUMNS]
-            + [f"{m['anomalous_flagged']}/{m['n_anomalous']}", f"{m['normal_flagged']}/{m['n_normal']}"]
+            + [_share(m["anomalous_flagged"], m["n_anomalous"]), _share(m["normal_flagged"], m["n_normal"])]
+            + false_alarm_cells(m)
         )
     if with_mean and rows:
         mean_row = ["mean"]
@@ -316,7 +358,12 @@ def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> l
             values = [v for v in values if v is not None]
             mean_row.append(format_value(float(np.mean(values)), kind) if values else "-")
         for key, total in (("anomalous_flagged", "n_anomalous"), ("normal_flagged", "n_normal")):
-            mean_row.append(f"{sum(m[key] for _, m in rows)}/{sum(m[total] for _, m in rows)}")
+            mean_row.append(_share(sum(m[key] for _, m in rows), sum(m[total] for _, m in rows)))
+        promised = {m.get("false_alarm_promised") for _, m in rows}
+        flagged = [m.get("verification_flagged") for _, m in rows]
+        n_ver = sum(m.get("n_verification") or 0 for _, m in rows)
+        pooled = None if None in flagged else sum(flagged)
+        mean_row += ["-" if len(promised) != 1 or None in promised else f"{100 * promised.pop():.1f}%", _share(pooled, n_ver)]
         out.append(mean_row)
     return out
 

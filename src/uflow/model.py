@@ -128,7 +128,7 @@ class UFlowModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
@@ -137,6 +137,9 @@ class UFlowModel:
     ) -> list[Prediction]:
         """Score images (paths or arrays); one :class:`Prediction` per image, in order.
 
+        Regions are detected at the run's verified threshold (``calibration.promise``:
+        at most its rate of normal images flagged) unless ``epsilon`` is given,
+        which detects at log10 NFA < log10 epsilon, the paper's rule.
         ``keep_images`` keeps the scored RGB image in each prediction (for
         overlays). ``on_error(path, message)``, when given, receives images that
         cannot be read, which are then skipped instead of stopping the call.
@@ -152,7 +155,7 @@ class UFlowModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         workers: int = 0,
@@ -167,6 +170,8 @@ class UFlowModel:
         Options are checked at once, not when the first result is asked for.
         """
         check_options(epsilon, test_count, null)
+        if segmentation:
+            self.calibration.log10_threshold(epsilon, test_count, null)  # refuses a threshold the run cannot give
         if workers < 0:
             raise UFlowError(f"workers must be 0 or more, got {workers}")
         segment_options = (epsilon, test_count, null) if segmentation else None
@@ -177,7 +182,7 @@ class UFlowModel:
         self,
         items: Iterator[tuple[np.ndarray, Path | None]],
         batch_size: int,
-        segment_options: tuple[float, TestCount, Null] | None,
+        segment_options: tuple[float | None, TestCount, Null] | None,
         workers: int,
         keep_images: bool,
     ) -> Iterator[Prediction]:

@@ -76,7 +76,7 @@ class OnnxModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         keep_images: bool = False,
@@ -94,7 +94,7 @@ class OnnxModel:
         *,
         batch_size: int = 16,
         segmentation: bool = True,
-        epsilon: float = 1.0,
+        epsilon: float | None = None,
         test_count: TestCount = "per_size",
         null: Null = "calibrated",
         keep_images: bool = False,
@@ -102,6 +102,8 @@ class OnnxModel:
     ) -> Iterator[Prediction]:
         """Like :meth:`predict`, yielding as images finish; options are checked at once."""
         check_options(epsilon, test_count, null)
+        if segmentation:
+            self.calibration.log10_threshold(epsilon, test_count, null)  # refuses a threshold the run cannot give
         segment_options = (epsilon, test_count, null) if segmentation else None
         return self._stream(read_inputs(images, on_error=on_error), batch_size, segment_options, keep_images)
 

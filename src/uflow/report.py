@@ -150,8 +150,11 @@ def _table_html(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool, lin
 
 _METRIC_NOTES = (
     "AUROC, AUPRO (per-region overlap to FPR 0.3, normalised) and F1-max in percent; mIoU per image, normal images "
-    "included (1 when nothing is detected), at log10 NFA &lt; log10 &epsilon; (auto), at a threshold set on held-out "
-    "normal training images (fair) and at the best threshold on this test set (oracle, an upper bound, never used to choose anything)."
+    "included (1 when nothing is detected), at the automatic threshold (the run's verified one, or log10 &epsilon; when given), at a threshold set on held-out "
+    "normal training images (fair) and at the best threshold on this test set (oracle, an upper bound, never used to choose anything). "
+    "False alarms (FA): the share of normal images with any detection the run promised, the share of its verification images "
+    "(normal images that took no part in training, stopping or calibration) flagged, with a one-sided 95 % Clopper-Pearson bound, "
+    "and, under 'flagged: normal', the share of this test set's normal images flagged."
 )
 
 
@@ -185,8 +188,9 @@ def write_report(
         body = [
             f"<h1>uflow: {html.escape(evaluation.category)}</h1>",
             f'<p class="sub">{html.escape(s["backbone"])} at {s["image_size"]} px &middot; trained on {html.escape(str(s.get("trained_on")))} '
-            f"&middot; &epsilon; = {s['epsilon']}, test count {html.escape(s['test_count'])}, null {html.escape(s['null'])} "
+            f"&middot; test count {html.escape(s['test_count'])}, null {html.escape(s['null'])} "
             f"&middot; fair threshold from {html.escape(s['fair_threshold_from'])}</p>",
+            f'<p class="sub">Automatic threshold: log10 NFA &lt; {s["log10_nfa_threshold"]:.3g}; {html.escape(s["threshold_from"])}</p>',
             _table_html([(evaluation.category, evaluation.metrics)], with_mean=False),
             f"<p class=sub>{_METRIC_NOTES}</p>",
             '<div class="figs">' + "".join(f'<img src="{ASSETS}/{n}" alt="{html.escape(c)}" title="{html.escape(c)}">' for n, c in figures) + "</div>",

@@ -10,16 +10,23 @@ reference code's Chernoff bound is no bound at all when m <= C and flags whole
 images whose latents are slightly too small). A region is detected when its
 Number of False Alarms, NFA = N_tests * P(R), is below epsilon.
 
-Tree simplification follows the paper: in every leaf branch keep only the node
-with the smallest NFA; then, bottom-up, a node whose children are all leaves
-replaces them when its NFA is no larger than theirs. The survivors (leaves) are
-the detections.
+Tree simplification is the paper's (the authors' iterative prune / merge,
+computed here in closed form, see :func:`simplify_tree`): in every leaf branch
+keep only the node with the smallest NFA; merge a bifurcation whose children
+are all leaves when its NFA is no larger than theirs; repeat; prune once more.
+Ties: a branch keeps its node nearest the root, a bifurcation equal to its best
+child merges. The surviving leaves are the candidate detections; a test
+compares them with a plain node-by-node implementation on hundreds of maps.
 
 Everything on the tree is vectorised: the max-tree and subtree areas come from
-scikit-image's compiled code, and every other quantity (leaf counts, branch
-minima, the "all descendants merge" test, region pixels, bounding boxes) is a
-prefix sum or segment reduction over a depth-first order of the tree, which is
-itself built by pointer jumping in O(N log depth) numpy operations.
+scikit-image's compiled code, and every other quantity (arms, their minima,
+the "every bifurcation below merges" test, region pixels) is a prefix sum or
+segment reduction over a depth-first order of the tree, which is itself built
+by pointer jumping in O(N log depth) numpy operations.
+
+Each scale's leaves are brought to the image size so that thresholding gives
+the masks bilinear upsampling gives (:func:`upsample_for_threshold`), not
+blocks of the scale's stride.
 
 Number of tests. ``"paper"``: N_T = sum_s N_s sum_{r=1..N_s} alpha beta^r / r
 (alpha beta^r / r is the asymptotic number of polyominoes of size r), one
@@ -35,11 +42,13 @@ regions pay only for the shapes of their own size.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
+from scipy import ndimage
 from scipy.special import gammaincc, gammaln, logsumexp
 from skimage.morphology import max_tree
 
@@ -175,15 +184,22 @@ def correlation_area(stat_maps: np.ndarray, radius: int = 3) -> float:
     return max(1.0, float(rho[window].sum()))
 
 
-# --------------------------------------------------------------------------- one scale, one image
+# --------------------------------------------------------------------------- the paper's tree, one map
 
 
 @dataclass
-class _ScaleDetections:
+class Leaves:
+    """Surviving leaves of the simplified tree of one map: regions, each a contiguous run of ``order``."""
+
     log10_nfa: np.ndarray  # (k,)
-    starts: np.ndarray  # (k,) start of each region in depth-first order
+    starts: np.ndarray  # (k,) start of each region in ``order``
     sizes: np.ndarray  # (k,) pixels per region
-    order: np.ndarray  # (N,) pixel indices in depth-first order
+    order: np.ndarray  # (N,) flat pixel indices in depth-first order of the max-tree
+
+    def pixel_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat pixel indices of every leaf, one after the other; leaf number of each)."""
+        offsets = np.repeat(self.starts - np.r_[0, np.cumsum(self.sizes)[:-1]], self.sizes)
+        return self.order[np.arange(self.sizes.sum()) + offsets], np.repeat(np.arange(self.sizes.size), self.sizes)
 
 
 def build_max_tree(stat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,82 +258,192 @@ def _depth_first_order(parent: np.ndarray, root: int, size: np.ndarray) -> np.nd
     return step
 
 
-def _detect_one(
-    stat: np.ndarray, dof: float, n_scales: int, mode: TestCount, paper_log10: float, pixels_per_sample: float = 1.0
-) -> _ScaleDetections:
+NodeNFA = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def simplify_tree(stat: np.ndarray, node_log10_nfa: NodeNFA) -> Leaves:
+    """The paper's simplification of the max-tree of ``stat``, vectorised; returns every surviving leaf.
+
+    Nodes are the distinct pixel sets of the max-tree (4-connectivity); a
+    node's level is its smallest value, its area its pixel count, and
+    ``node_log10_nfa(levels, areas)`` gives their log10 NFA. The authors'
+    procedure is iterative: prune every leaf branch (a leaf and the chain of
+    only children above it) to its best node; merge each bifurcation whose
+    children are all leaves into a leaf when its NFA is no larger than the
+    smallest of theirs; repeat until nothing merges; prune once more.
+
+    Its fixed point has a closed form, computed here in one pass. Call an
+    *arm* a node whose parent is a bifurcation (or the root) together with
+    the chain of only children below it, down to a leaf or a bifurcation.
+    Arms are what the pruning collapses: a leaf branch is an arm, and so is
+    the new leaf branch above a merged bifurcation. An arm collapses into its
+    best node iff every bifurcation b in its subtree merges, and b merges iff
+    NFA(b) <= the best NFA of each arm below it (those arms have collapsed
+    first). The survivors are the best nodes of collapsed arms whose parent
+    arm did not collapse. Ties, as the reference: within an arm the node
+    closest to the root (the largest region) is kept; a bifurcation equal to
+    its best child merges.
+    """
     values = np.ascontiguousarray(stat, dtype=np.float64).ravel()
     n = values.size
-    parent, traverser, area = build_max_tree(stat)
+    parent, traverser, area = build_max_tree(np.asarray(stat))
     root = int(traverser[0])
-    idx = np.arange(n)
-    canonical = (values[parent] != values) | (idx == root)
-
-    pos = _depth_first_order(parent, root, np.where(canonical, area, 1))
+    canonical = values[parent] != values
+    canonical[root] = True
+    extent = np.where(canonical, area, 1)
+    pos = _depth_first_order(parent, root, extent)
     order = np.empty(n, dtype=np.int64)
-    order[pos] = idx
-    end = pos + np.where(canonical, area, 1)
+    order[pos] = np.arange(n)
 
-    def subtree_sum(weights: np.ndarray) -> np.ndarray:
-        csum = np.r_[0, np.cumsum(weights[order])]
-        return csum[end] - csum[pos]
+    # Nodes in depth-first order (the root first), so every subtree and every arm is a contiguous run.
+    nodes = order[canonical[order]]
+    m = nodes.size
+    node_of = np.empty(n, dtype=np.int64)
+    node_of[nodes] = np.arange(m)
+    up = node_of[parent[nodes]]  # parent node; up[0] (the root's) is meaningless
+    nfa = np.asarray(node_log10_nfa(values[nodes], area[nodes]), dtype=np.float64)
+    n_children = np.bincount(up[1:], minlength=m)
+    bifurcation = n_children >= 2
+    arm_top = np.r_[True, bifurcation[up[1:]]]
+    tops = np.flatnonzero(arm_top)
+    arm = np.cumsum(arm_top) - 1
+    arm_best = np.minimum.reduceat(nfa, tops)
+    at_best = np.flatnonzero(nfa == arm_best[arm])
+    best_node = at_best[np.r_[True, arm[at_best][1:] != arm[at_best][:-1]]]  # first in the run: nearest the root
 
-    log_p = np.where(canonical, (area / pixels_per_sample) * chi2_log_sf(values, dof), np.inf)
-    log10_nfa = np.where(
-        canonical, log10_test_count(area, n, n_scales, mode, paper_log10) + log_p / _LN10, np.inf
-    )
+    child_tops = tops[1:]
+    best_child = np.full(m, np.inf)
+    np.minimum.at(best_child, up[child_tops], arm_best[1:])
+    blocks = np.r_[0, np.cumsum(bifurcation & (nfa > best_child))]
+    subtree_end = np.searchsorted(pos[nodes], pos[nodes] + extent[nodes])  # in node order
+    collapses = blocks[subtree_end[tops]] == blocks[tops]
+    survives = collapses & np.r_[True, ~collapses[arm[up[child_tops]]]]
+    kept = nodes[best_node[survives]]
+    return Leaves(nfa[best_node[survives]], pos[kept], area[kept], order)
 
-    child_node = canonical & (idx != root)
-    n_children = np.bincount(parent[child_node], minlength=n)
-    is_leaf = canonical & (n_children == 0)
-    leaves_below = subtree_sum(is_leaf.astype(np.int64))
-    in_branch = canonical & (leaves_below == 1)
-    branch_top = in_branch & ((idx == root) | ~in_branch[parent])
 
-    # Branch minimum: each branch is one contiguous block of the depth-first order.
-    tops = idx[branch_top]
-    tops = tops[np.argsort(pos[tops])]
-    nfa_in_order = np.r_[log10_nfa[order], np.inf]
-    bounds = np.empty(2 * tops.size, dtype=np.int64)
-    bounds[0::2], bounds[1::2] = pos[tops], end[tops]
-    branch_min = np.minimum.reduceat(nfa_in_order, bounds)[0::2] if tops.size else np.empty(0)
-    branch_of = np.searchsorted(pos[tops], pos, side="right") - 1
-    is_kept = in_branch & (log10_nfa == branch_min[branch_of])
-    kept_branch, first = np.unique(branch_of[is_kept], return_index=True)
-    kept = idx[is_kept][first]  # the highest node reaching the branch minimum
-    kept_of_branch = np.empty(tops.size, dtype=np.int64)
-    kept_of_branch[kept_branch] = kept
+def node_nfa(dof: float, n_pixels: int, n_scales: int, test_count: TestCount, paper_log10: float, pixels_per_sample: float = 1.0) -> NodeNFA:
+    """log10 NFA of max-tree nodes of a chi-square map: log10 N_T(area) + (area / k) log10 P(chi2_dof >= level)."""
 
-    # Bottom-up merging: an internal node absorbs its subtree iff it and every
-    # internal node below it are no worse than their (simplified) children.
-    internal = canonical & ~in_branch
-    child_value = np.where(branch_top, 0.0, log10_nfa)
-    child_value[tops] = branch_min
-    min_child = np.full(n, np.inf)
-    counted = (internal | branch_top) & (idx != root)
-    np.minimum.at(min_child, parent[counted], child_value[counted])
-    local = internal & (log10_nfa <= min_child)
-    blockers_below = subtree_sum((internal & ~local).astype(np.int64))
-    absorbed = internal & local & (blockers_below == 0)
-    parent_absorbed = np.where(idx == root, False, absorbed[parent])
-    detections = [idx[absorbed & ~parent_absorbed]]
-    top_parent_absorbed = np.where(tops == root, False, absorbed[parent[tops]])
-    detections.append(kept_of_branch[~top_parent_absorbed])
-    detected = np.concatenate(detections)
-    return _ScaleDetections(log10_nfa[detected], pos[detected], end[detected] - pos[detected], order)
+    def log10_nfa(levels: np.ndarray, areas: np.ndarray) -> np.ndarray:
+        areas = np.asarray(areas, dtype=np.float64)
+        log_p = (areas / pixels_per_sample) * chi2_log_sf(levels, dof)
+        return log10_test_count(areas, n_pixels, n_scales, test_count, paper_log10) + log_p / _LN10
+
+    return log10_nfa
+
+
+# --------------------------------------------------------------------------- to image size
+
+
+def _bilinear_source(out_len: int, in_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output index: the lower of its two source samples in the edge-padded input, and the weight of the upper one.
+
+    Half-pixel centres (align_corners=False), as torch's and the paper's bilinear upsampling.
+    """
+    s = (np.arange(out_len) + 0.5) * (in_len / out_len) - 0.5
+    low = np.floor(s)
+    return (np.clip(low, -1, in_len - 1) + 1).astype(np.int64), np.clip(s - low, 0.0, 1.0)
+
+
+_BITS = (np.arange(16)[:, None] >> np.arange(4)[None, :]) & 1  # corner j is in subset s
+_POPCOUNT = _BITS.sum(axis=1)
+
+
+def _order_code(corners: Sequence[np.ndarray]) -> np.ndarray:
+    """How four values are ordered, as a 16-bit code: bit 4k + j says corner j is no larger than corner k."""
+    code = np.zeros(np.shape(corners[0]), dtype=np.int64)
+    for k, ck in enumerate(corners):
+        for j, cj in enumerate(corners):
+            code |= (cj <= ck).astype(np.int64) << (4 * k + j)
+    return code
+
+
+# The 75 ways four values can be ordered (ties included), and each code's number among them.
+_ORDERS = np.unique(_order_code(list(np.stack(np.meshgrid(*[np.arange(4)] * 4, indexing="ij")).reshape(4, -1))))
+_ORDER_NUMBER = np.full(1 << 16, -1, dtype=np.int64)
+_ORDER_NUMBER[_ORDERS] = np.arange(_ORDERS.size)
+
+
+def _bilinear_weights(wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+    """Weights of the corners (top left, top right, bottom left, bottom right), stacked on a last axis."""
+    return np.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx], axis=-1)
+
+
+def _median_corner(orders: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Which corner is the bilinear-weighted lower median, for orderings (numbers into the 75) and corner weights.
+
+    Corner k qualifies when the corners no larger than it weigh more than one
+    half; the answer is the qualifying corner with the smallest value (the
+    fewest corners no larger). ``orders`` (...) and ``weights`` (..., 4) broadcast.
+    """
+    sets = (_ORDERS[orders][..., None] >> (4 * np.arange(4))) & 15  # (..., 4): corners no larger than each corner
+    mass = (_BITS[sets] * weights[..., None, :]).sum(axis=-1)
+    rank = np.where(mass > 0.5, _POPCOUNT[sets], 5)
+    return rank.argmin(axis=-1).astype(np.int8)
+
+
+@functools.lru_cache(maxsize=32)
+def _upsampling_plan(h: int, w: int, out_h: int, out_w: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, int] | np.ndarray]:
+    """Per output pixel its 2x2 source block; then (table of medians per ordering and phase, phase per pixel,
+    number of phases) when the table is smaller than the image, else the corner weights per pixel."""
+    rows, wy = _bilinear_source(out_h, h)
+    cols, wx = _bilinear_source(out_w, w)
+    wy_levels, row_phase = np.unique(wy, return_inverse=True)
+    wx_levels, col_phase = np.unique(wx, return_inverse=True)
+    block = rows[:, None] * (w + 1) + cols[None, :]
+    if _ORDERS.size * wy_levels.size * wx_levels.size <= out_h * out_w:  # integer strides: a few phases
+        weights = _bilinear_weights(wy_levels[:, None], wx_levels[None, :])
+        table = _median_corner(np.arange(_ORDERS.size)[:, None, None], weights[None])  # (75, phases y, phases x)
+        phase = row_phase[:, None] * wx_levels.size + col_phase[None, :]
+        return block, (table.ravel(), phase, wy_levels.size * wx_levels.size)
+    return block, _bilinear_weights(wy[:, None], wx[None, :])
+
+
+def upsample_for_threshold(grid: np.ndarray, out: tuple[int, int], labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bring a map of region values to ``out`` so that every threshold gives a smooth mask.
+
+    Thresholding a nearest-neighbour upsampling draws masks in blocks of the
+    scale's stride (16 output pixels at the coarsest scale). Here the value of
+    an output pixel is the bilinear-weighted lower median of its four source
+    samples: for every t at once, ``result < t`` is exactly the bilinear
+    upsampling of the mask ``grid < t`` thresholded at one half, so masks have
+    the outlines bilinear interpolation gives and the oracle threshold sweep
+    sees the same masks as the automatic threshold. Returns the values and,
+    when ``labels`` (same shape as ``grid``) is given, the label of the sample
+    each output pixel took its value from.
+
+    Written by hand for speed: the median depends only on how the four values
+    are ordered (one of 75 orderings) and on the pixel's two weights (its
+    phase: one per output pixel of a source stride), so for integer strides
+    it is tabulated once per map and output size and read per pixel.
+    """
+    h, w = grid.shape
+    block, how = _upsampling_plan(h, w, out[0], out[1])
+    padded = np.pad(grid, 1, mode="edge")
+    corners = [padded[:-1, :-1].ravel(), padded[:-1, 1:].ravel(), padded[1:, :-1].ravel(), padded[1:, 1:].ravel()]
+    block_order = _ORDER_NUMBER[_order_code(corners)][block]
+    if isinstance(how, tuple):
+        table, phase, n_phases = how
+        pick = table[block_order * n_phases + phase]
+    else:  # as many phases as pixels (a size that is no multiple of the map's): computed per pixel
+        pick = _median_corner(block_order, how)
+    flat = block * 4 + pick
+    values = np.stack(corners, axis=1).ravel()[flat]
+    if labels is None:
+        return values, None
+    padded = np.pad(labels, 1, mode="edge")
+    return values, np.stack([padded[:-1, :-1].ravel(), padded[:-1, 1:].ravel(), padded[1:, :-1].ravel(), padded[1:, 1:].ravel()], axis=1).ravel()[flat]
 
 
 # --------------------------------------------------------------------------- batch
 
 
-def _nearest_index(out_len: int, in_len: int) -> np.ndarray:
-    return (np.arange(out_len) * in_len) // out_len
-
-
 def segment(
     chi2_maps: Sequence[np.ndarray],
-    channels: Sequence[int],
+    channels: Sequence[float],
     output_sizes: Sequence[tuple[int, int]],
-    epsilon: float = 1.0,
+    log10_epsilon: float = 0.0,
     test_count: TestCount = "per_size",
     pixels_per_sample: Sequence[float] | None = None,
 ) -> list[Segmentation]:
@@ -326,62 +452,73 @@ def segment(
     ``chi2_maps[l]`` is (B, H_l, W_l): sum over the C_l = ``channels[l]`` latent
     channels of z^2. ``pixels_per_sample[l]`` (default 1: independent pixels)
     divides each region's size when its probability is computed; see
-    :func:`correlation_area`. Returns, per image, the log10 NFA map at its output size
-    (each scale upsampled by nearest neighbour, minimum over scales), the mask
-    log10 NFA < log10 epsilon, and the detected regions sorted by NFA.
+    :func:`correlation_area`. Returns, per image, the log10 NFA map at its
+    output size (each scale's surviving leaves brought to that size by
+    :func:`upsample_for_threshold`, then the minimum over scales; inf where no
+    leaf covers), the mask of the leaves with ``log10 NFA < log10_epsilon``
+    (equal to thresholding that map, up to its float32 rounding) and those
+    leaves as regions, sorted by NFA.
     """
-    if epsilon <= 0:
-        raise ValueError("epsilon must be positive")
+    if np.isnan(log10_epsilon):
+        raise ValueError("log10 epsilon must be a number")
+    scorers = _scorers(chi2_maps, channels, test_count, pixels_per_sample)
+    results = []
+    for b, out in enumerate(output_sizes):
+        nfa_map = np.full(out, np.inf, dtype=np.float32)
+        mask = np.zeros(out, dtype=bool)
+        regions: list[Region] = []
+        for level, (maps, scorer) in enumerate(zip(chi2_maps, scorers)):
+            leaves = simplify_tree(np.asarray(maps[b]), scorer)
+            pixels, leaf = leaves.pixel_runs()
+            grid = np.full(maps.shape[1] * maps.shape[2], np.inf, dtype=np.float32)
+            grid[pixels] = leaves.log10_nfa[leaf]
+            significant = leaves.log10_nfa < log10_epsilon
+            labels = None
+            if significant.any():  # region k is label numbers[k], 0 elsewhere
+                numbers = np.cumsum(significant)
+                labels = np.zeros(grid.size, dtype=np.int32)
+                labels[pixels] = np.where(significant[leaf], numbers[leaf], 0)
+                labels = labels.reshape(maps.shape[1:])
+            values, upsampled = upsample_for_threshold(grid.reshape(maps.shape[1:]), out, labels)
+            np.minimum(nfa_map, values, out=nfa_map)
+            if upsampled is not None:
+                mask |= upsampled > 0  # decided in float64, so mask and regions agree at the threshold itself
+                regions.extend(_regions(leaves.log10_nfa[significant], upsampled, level))
+        regions.sort(key=lambda r: r.log10_nfa)
+        results.append(Segmentation(nfa_map, mask, regions))
+    return results
+
+
+def smallest_log10_nfa(
+    chi2_maps: Sequence[np.ndarray], channels: Sequence[float], test_count: TestCount = "per_size", pixels_per_sample: Sequence[float] | None = None
+) -> np.ndarray:
+    """Per image of a batch, the smallest log10 NFA among the surviving leaves of every scale.
+
+    An image has a detection at threshold t iff this is below t; arguments as :func:`segment`.
+    """
+    scorers = _scorers(chi2_maps, channels, test_count, pixels_per_sample)
+    batch = len(chi2_maps[0])
+    return np.array([min(float(simplify_tree(np.asarray(maps[b]), f).log10_nfa.min()) for maps, f in zip(chi2_maps, scorers)) for b in range(batch)])
+
+
+def _scorers(chi2_maps: Sequence[np.ndarray], channels: Sequence[float], test_count: TestCount, pixels_per_sample: Sequence[float] | None) -> list[NodeNFA]:
     if test_count not in TEST_COUNTS:
         raise ValueError(f"test_count must be one of {TEST_COUNTS}")
     grids = [m.shape[1:] for m in chi2_maps]
     paper_log10 = log10_paper_test_count(grids) if test_count == "paper" else 0.0
-    log_eps = math.log10(epsilon)
-    results = []
-    for b, (out_h, out_w) in enumerate(output_sizes):
-        nfa_map = np.full((out_h, out_w), np.inf, dtype=np.float32)
-        regions: list[Region] = []
-        for level, (maps, dof) in enumerate(zip(chi2_maps, channels)):
-            h, w = maps.shape[1:]
-            found = _detect_one(np.asarray(maps[b]), dof, len(chi2_maps), test_count, paper_log10, 1.0 if pixels_per_sample is None else pixels_per_sample[level])
-            grid = np.full(h * w, np.inf, dtype=np.float32)
-            if found.sizes.size:
-                offsets = np.repeat(found.starts - np.r_[0, np.cumsum(found.sizes)[:-1]], found.sizes)
-                pixels = found.order[np.arange(found.sizes.sum()) + offsets]
-                grid[pixels] = np.repeat(found.log10_nfa, found.sizes)
-                regions.extend(_regions(found, pixels, level, (h, w), (out_h, out_w), log_eps))
-            rows, cols = _nearest_index(out_h, h), _nearest_index(out_w, w)
-            np.minimum(nfa_map, grid.reshape(h, w)[rows][:, cols], out=nfa_map)
-        regions.sort(key=lambda r: r.log10_nfa)
-        results.append(Segmentation(nfa_map, nfa_map < log_eps, regions))
-    return results
+    return [
+        node_nfa(dof, h * w, len(grids), test_count, paper_log10, 1.0 if pixels_per_sample is None else pixels_per_sample[level])
+        for level, (dof, (h, w)) in enumerate(zip(channels, grids))
+    ]
 
 
-def _regions(
-    found: _ScaleDetections, pixels: np.ndarray, level: int, grid: tuple[int, int], out: tuple[int, int], log_eps: float
-) -> list[Region]:
-    significant = found.log10_nfa < log_eps
-    if not significant.any():
-        return []
-    (h, w), (out_h, out_w) = grid, out
-    rows_of, cols_of = _nearest_index(out_h, h), _nearest_index(out_w, w)
-    row_count = np.bincount(rows_of, minlength=h)
-    col_count = np.bincount(cols_of, minlength=w)
-    row_first = np.searchsorted(rows_of, np.arange(h))
-    col_first = np.searchsorted(cols_of, np.arange(w))
-    r, c = pixels // w, pixels % w
-    seg = np.r_[0, np.cumsum(found.sizes)[:-1]]
-    r0, r1 = np.minimum.reduceat(r, seg), np.maximum.reduceat(r, seg)
-    c0, c1 = np.minimum.reduceat(c, seg), np.maximum.reduceat(c, seg)
-    area = np.add.reduceat(row_count[r] * col_count[c], seg)
-    out_regions = []
-    for k in np.flatnonzero(significant):
-        out_regions.append(
-            Region(
-                bbox=(int(col_first[c0[k]]), int(row_first[r0[k]]), int(col_first[c1[k]] + col_count[c1[k]]), int(row_first[r1[k]] + row_count[r1[k]])),
-                area=int(area[k]),
-                log10_nfa=float(found.log10_nfa[k]),
-                scale=level,
-            )
-        )
-    return out_regions
+def _regions(log10_nfa: np.ndarray, labels: np.ndarray, level: int) -> list[Region]:
+    """Regions from an output-size label image (region k is label k + 1): box, pixel count, log10 NFA."""
+    areas = np.bincount(labels.ravel(), minlength=log10_nfa.size + 1)
+    out = []
+    for k, box in enumerate(ndimage.find_objects(labels, max_label=log10_nfa.size)):
+        if box is None:  # no output pixel takes its value from this region (output smaller than the map)
+            continue
+        ys, xs = box
+        out.append(Region((xs.start, ys.start, xs.stop, ys.stop), int(areas[k + 1]), float(log10_nfa[k]), level))
+    return out

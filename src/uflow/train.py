@@ -1,9 +1,13 @@
 """Training: cache features once, fit the flow by maximum likelihood, select on held-out normal images.
 
 The backbone is frozen and there is no augmentation, so every image's
-features are computed exactly once. A seeded slice of the normal images is
-held out; early stopping and the choice of the checkpoint use only its
-negative log-likelihood. No anomalous image is ever seen.
+features are computed exactly once. The normal images are split four ways,
+seeded, and each part has one job: *training* images fit the flow;
+*validation* images choose the epoch (early stopping on their negative
+log-likelihood) and fit the null; *calibration* images set the detection
+threshold for the promised false-alarm rate; *verification* images, used for
+nothing else, measure the rate that threshold gives (see
+:mod:`uflow.calibration`). No anomalous image is ever seen.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -25,12 +30,12 @@ from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_fea
 from .errors import UFlowError
 from .flow import FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
-from .calibration import Calibration
+from .calibration import FALSE_ALARM_RATE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
 from .anomaly_map import chi2_statistics, image_score, likelihood_map
 from .segmentation import correlation_area
 
-MIN_IMAGES = 3
+MIN_IMAGES = 4  # one per role: training, validation, calibration, verification
 
 
 def training_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -108,6 +113,9 @@ def fit(
     lr: float = 2e-3,
     weight_decay: float = 1e-5,
     val_fraction: float = 0.15,
+    calibration_fraction: float = 0.2,
+    verification_fraction: float = 0.2,
+    false_alarm_rate: float = FALSE_ALARM_RATE,
     patience: int = 10,
     n_steps: int = 4,
     seed: int = 0,
@@ -122,13 +130,23 @@ def fit(
     folder of normal images, or a list of image paths. The best epoch by
     validation NLL on held-out normal images is kept. A non-finite loss stops
     training; the best model so far is saved and :class:`UFlowError` raised.
+
+    ``false_alarm_rate`` is the promise: the share of normal images allowed
+    any detection at the default threshold. ``calibration_fraction`` of the
+    images set that threshold and ``verification_fraction`` (0 allowed) check
+    it; the result is ``model.calibration.promise``. When they are too few
+    to certify or to confirm the rate, a warning says so in one line.
     """
     started = time.perf_counter()
     paths = training_images(data)
     if len(paths) < MIN_IMAGES:
-        raise UFlowError(f"{data}: {len(paths)} normal image(s) found, at least {MIN_IMAGES} are needed (some are held out for validation)")
-    if not 0 < val_fraction < 1:
-        raise UFlowError(f"validation fraction must be between 0 and 1, got {val_fraction}")
+        raise UFlowError(
+            f"{data}: {len(paths)} normal image(s) found, at least {MIN_IMAGES} are needed (some are held out to stop, calibrate and verify)"
+        )
+    for name, value, low in (("validation", val_fraction, 0), ("calibration", calibration_fraction, 0), ("verification", verification_fraction, -1e-12)):
+        if not low < value < 1:
+            raise UFlowError(f"{name} fraction must be between 0 and 1, got {value}")
+    check_rate(false_alarm_rate)
     if epochs < 1 or batch_size < 1:
         raise UFlowError("epochs and batch size must be at least 1")
     dev = resolve_device(device)
@@ -136,9 +154,15 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
 
     order = torch.randperm(len(paths), generator=generator).tolist()
-    n_val = max(1, int(round(val_fraction * len(paths))))
-    val_paths = [paths[i] for i in sorted(order[:n_val])]
-    train_paths = [paths[i] for i in sorted(order[n_val:])]
+    counts = [max(1, round(val_fraction * len(paths))), max(1, round(calibration_fraction * len(paths))), round(verification_fraction * len(paths))]
+    if len(paths) - sum(counts) < 1:
+        raise UFlowError(
+            f"{data}: {len(paths)} normal images leave none to train on after {counts[0]} for validation, "
+            f"{counts[1]} for calibration and {counts[2]} for verification; lower those fractions"
+        )
+    bounds = np.cumsum([0, *counts])
+    val_paths, cal_paths, ver_paths = ([paths[i] for i in sorted(order[a:b])] for a, b in zip(bounds[:-1], bounds[1:]))
+    train_paths = [paths[i] for i in sorted(order[bounds[-1] :])]
 
     extractor = build_feature_extractor(backbone, image_size, weights, allow_download).to(dev)
     size = extractor.image_size
@@ -211,14 +235,27 @@ def fit(
         raise UFlowError(f"{diverged or 'training stopped'} before any epoch finished; nothing saved (try a lower --lr)")
     flow.load_state_dict(best_state)
     flow.eval()
+    cache_kind = train_feats.kind
 
     calibration = _calibrate(flow, val_feats, size, dev, batch_size)
+    del train_feats, val_feats
+    smallest = [
+        _smallest_log10_nfa(flow, calibration, extract_features(extractor, group, size, dev, batch_size, progress), dev, batch_size)
+        for group in (cal_paths, ver_paths)
+    ]
+    calibration.promise = make_promise(*smallest, false_alarm_rate, "per_size", "calibrated")
+    if calibration.promise.rate > false_alarm_rate or calibration.promise.verification_images < images_to_verify(calibration.promise.rate):
+        warnings.warn(calibration.promise.note, stacklevel=2)
     training = {
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(paths)} files",
         "n_train": len(train_paths),
         "n_val": len(val_paths),
         # Held-out normal images, so evaluation can set its "fair" threshold on images the flow never fit.
         "val_images": [str(p.resolve()) for p in val_paths],
+        "n_calibration": len(cal_paths),
+        "n_verification": len(ver_paths),
+        "calibration_images": [str(p.resolve()) for p in cal_paths],
+        "verification_images": [str(p.resolve()) for p in ver_paths],
         "epochs_run": epochs_run,
         "best_epoch": best_epoch,
         "best_val_nll": round(best_nll, 6),
@@ -229,7 +266,7 @@ def fit(
         "weight_decay": weight_decay,
         "seconds": round(time.perf_counter() - started, 1),
         "device": str(dev),
-        "feature_cache": train_feats.kind,
+        "feature_cache": cache_kind,
         "history": history,
     }
     model = UFlowModel(extractor, flow, calibration, training, dev)
@@ -275,3 +312,14 @@ def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.devic
         chi2_dof=dofs,
         pixels_per_sample=areas,
     )
+
+
+@torch.no_grad()
+def _smallest_log10_nfa(flow: UFlow, calibration: Calibration, feats: FeatureCache, dev: torch.device, batch_size: int) -> list[float]:
+    """Each image's smallest log10 NFA with the default segmentation settings."""
+    out: list[float] = []
+    for start in range(0, len(feats), batch_size):
+        z, _ = flow(feats.batch(slice(start, start + batch_size), dev))
+        stats = [s.cpu().numpy() for s in chi2_statistics(z)]
+        out.extend(calibration.smallest_log10_nfa(stats, flow.latent_channels, "per_size", "calibrated").tolist())
+    return out
