@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 from .files import atomic_write_text
 from .errors import UFlowError
@@ -25,6 +26,34 @@ def categories(root: str | os.PathLike) -> list[Path]:
     return found
 
 
+CategoryMap = Callable[[Callable[[Path], dict[str, Any]], Sequence[Path]], Iterable[dict[str, Any]]]
+
+
+def benchmark_category(
+    folder: Path,
+    out: Path,
+    *,
+    fit_options: dict[str, Any],
+    evaluate_options: dict[str, Any],
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Fit ``out/<category>/run`` on one category and evaluate it into ``out/<category>``; returns its benchmark.json entry.
+
+    ``device``, when given, replaces the one in ``fit_options`` (a Ray task's worker device).
+    """
+    started = time.perf_counter()
+    options = {**fit_options, **({"device": device} if device else {})}
+    model = fit(folder, out / folder.name / "run", progress=progress, **options)
+    result = evaluate(model, folder, out / folder.name, progress=progress, **evaluate_options)
+    return {
+        "metrics": result.metrics,
+        "thresholds": result.thresholds,
+        "best_epoch": model.training["best_epoch"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def run_benchmark(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -33,9 +62,13 @@ def run_benchmark(
     evaluate_options: dict[str, Any] | None = None,
     only: list[str] | None = None,
     progress: bool = True,
+    map_categories: CategoryMap = map,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Fit ``out/<category>/run`` and evaluate into ``out/<category>`` for each category.
 
+    ``map_categories(run_one, folders)`` runs :func:`benchmark_category` on
+    each folder and yields the results in order: ``map`` runs them one after
+    another here, :func:`uflow.ray_engine.map_on_ray` in parallel on Ray.
     Writes ``out/benchmark.json`` and ``out/report.html`` (the table, linking
     each category's report) and prints the table. Returns (category, metrics) rows.
     """
@@ -46,21 +79,14 @@ def run_benchmark(
         if unknown:
             raise UFlowError(f"{root}: no category {', '.join(unknown)} (found {', '.join(f.name for f in folders)})")
         folders = [f for f in folders if f.name in only]
+    run_one = partial(benchmark_category, out=out, fit_options=fit_options or {}, evaluate_options=evaluate_options or {}, progress=progress)
     rows, details, reports = [], {}, {}
-    for folder in folders:
-        started = time.perf_counter()
-        model = fit(folder, out / folder.name / "run", progress=progress, **(fit_options or {}))
-        result = evaluate(model, folder, out / folder.name, progress=progress, **(evaluate_options or {}))
-        rows.append((folder.name, result.metrics))
+    for folder, detail in zip(folders, map_categories(run_one, folders)):
+        rows.append((folder.name, detail["metrics"]))
         reports[folder.name] = f"{folder.name}/report.html"
-        details[folder.name] = {
-            "metrics": result.metrics,
-            "thresholds": result.thresholds,
-            "best_epoch": model.training["best_epoch"],
-            "seconds": round(time.perf_counter() - started, 1),
-        }
+        details[folder.name] = detail
         if progress:
-            print(f"{folder.name}: done in {details[folder.name]['seconds']} s", flush=True)
+            print(f"{folder.name}: done in {detail['seconds']} s", flush=True)
     settings = {"root": str(Path(root).resolve()), "fit": fit_options or {}, "evaluate": evaluate_options or {}}
     atomic_write_text(out / "benchmark.json", json_text({"settings": settings, "categories": details}))
     note = f"{len(rows)} categories from {Path(root).resolve()}; fit options {fit_options or 'default'}"

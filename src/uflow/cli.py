@@ -28,6 +28,16 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-download", action="store_true", help="never try timm's download of backbone weights")
 
 
+def _add_engine_args(p: argparse.ArgumentParser, local: str, ray: str) -> None:
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help=f"local: {local} (default); ray: {ray} (needs the ray extra)")
+    p.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --engine ray: join this Ray cluster (default: start Ray on this machine); its nodes must see the model, images and --out at the same paths",
+    )
+
+
 def _add_segmentation_args(p: argparse.ArgumentParser, with_switch: bool = True) -> None:
     p.add_argument(
         "--epsilon",
@@ -104,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an unreadable image: skip it, list it in errors.csv and exit 1 at the end (default), or stop at once and write nothing",
     )
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_engine_args(pred, "score in this process", "score on a pool of Ray workers, the model loaded once in each")
     _add_segmentation_args(pred)
     _add_common_model_args(pred)
 
@@ -152,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=60)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--quiet", action="store_true")
+    _add_engine_args(bench, "one category after another", "categories in parallel as Ray tasks")
     _add_segmentation_args(bench, with_switch=False)
     _add_common_model_args(bench)
 
@@ -201,23 +213,31 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     print(model.calibration.promise.note)
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
-    from .images import input_base, iter_inputs
+def _load_predict_model(args: argparse.Namespace, device: str):
+    """The model 'uflow predict' scores with (also called in each Ray worker, with that worker's device)."""
     from .onnx_model import OnnxModel
-    from .outputs import OutputLayout, ResultsWriter, parse_output_kinds
 
-    kinds = parse_output_kinds(args.outputs)
     if Path(args.run_dir).suffix == ".onnx":
         if args.workers or args.compile or args.precision != "fp32":
             raise UFlowError("--workers, --compile and --precision apply to run folders, not to an .onnx model")
-        model = OnnxModel.load(args.run_dir)
-    else:
-        from .model import load
+        return OnnxModel.load(args.run_dir)
+    from .model import load
 
-        model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
-        model.accelerate(args.precision, compile=args.compile)
+    model = load(args.run_dir, device=device, weights=args.weights, allow_download=not args.no_download)
+    return model.accelerate(args.precision, compile=args.compile)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    from .images import input_base, iter_inputs
+    from .outputs import OutputLayout, ResultsWriter, parse_output_kinds
+
+    kinds = parse_output_kinds(args.outputs)
+    # With Ray the workers score on their own devices; the model is loaded here only to check it and read its calibration.
+    model = _load_predict_model(args, "cpu" if args.engine == "ray" else args.device)
     paths = iter_inputs(args.images)
     layout = OutputLayout(input_base(args.images), kinds, (model.calibration.display_low, model.calibration.display_high))
     meta = {
@@ -232,10 +252,19 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         options = {"batch_size": args.batch_size, "segmentation": not args.no_segmentation, **_segmentation_options(args)}
         if args.workers:
             options["workers"] = args.workers
-        on_error = writer.add_error if args.on_error == "skip" else None
-        stream = model.iter_predict(paths, keep_images="overlay" in kinds, on_error=on_error, **options)
-        for pred in tqdm(stream, desc="predict", unit="img", disable=args.quiet):
-            writer.add(pred)
+        if args.engine == "ray":
+            from .ray_engine import score_on_ray
+
+            with tqdm(desc="predict", unit="img", disable=args.quiet) as bar:
+                score_on_ray(
+                    partial(_load_predict_model, args), paths, writer.stage, layout, options, skip_errors=args.on_error == "skip",
+                    device=args.device, address=args.address, on_batch=lambda done: bar.update(done.images + done.failed),
+                )
+        else:
+            on_error = writer.add_error if args.on_error == "skip" else None
+            stream = model.iter_predict(paths, keep_images="overlay" in kinds, on_error=on_error, **options)
+            for pred in tqdm(stream, desc="predict", unit="img", disable=args.quiet):
+                writer.add(pred)
         summary = writer.finish()
     print(f"{summary.n_images} images, {summary.n_anomalous} anomalous; results in {Path(args.out) / 'results.csv'}")
     if summary.n_errors:
@@ -289,9 +318,18 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         "weights": args.weights,
         "allow_download": not args.no_download,
     }
+    if args.engine == "ray":
+        from functools import partial
+
+        from .ray_engine import map_on_ray
+
+        fit_options.pop("device")  # each task is given its worker's device
+        map_categories = partial(map_on_ray, device=args.device, address=args.address)
+    else:
+        map_categories = map
     run_benchmark(
         args.root, args.out, fit_options=fit_options, evaluate_options=_segmentation_options(args),
-        only=_category_list(args.categories), progress=not args.quiet,
+        only=_category_list(args.categories), progress=not args.quiet, map_categories=map_categories,
     )
     print(f"report:  {(Path(args.out) / 'report.html').resolve()}")
 
