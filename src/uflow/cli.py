@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         if exc.name not in ("torch", "torchvision", "timm", "safetensors", "onnx", "onnxruntime", "onnxscript", "matplotlib", "sklearn"):
             raise
-        print(f"uflow: error: '{args.command}' needs {exc.name}, which is not installed here (pip install it, or the full uflow)", file=sys.stderr)
+        print(f"uflow: error: '{args.command}' needs {exc.name}, which is not installed here; repair the install: pip install uflow-anomaly", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("uflow: interrupted", file=sys.stderr)

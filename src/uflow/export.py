@@ -68,7 +68,7 @@ def export_onnx(model: UFlowModel, out: str | os.PathLike, input_dtype: str = "u
     try:
         import onnx
     except ImportError:
-        raise UFlowError("ONNX export needs the onnx and onnxscript packages: pip install 'uflow[export]'") from None
+        raise UFlowError("ONNX export needs the onnx and onnxscript packages, which uflow depends on; repair the install: pip install uflow-anomaly") from None
     if input_dtype not in INPUT_DTYPES:
         raise UFlowError(f"input dtype must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}")
     if model.extractor.spec.fixed_image_size:

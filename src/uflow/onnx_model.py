@@ -41,7 +41,7 @@ class OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UFlowError("running an .onnx model needs onnxruntime: pip install onnxruntime") from None
+            raise UFlowError("running an .onnx model needs onnxruntime, which uflow depends on; repair the install: pip install uflow-anomaly") from None
         path = Path(path)
         if not path.is_file():
             raise UFlowError(f"{path}: no such file")
