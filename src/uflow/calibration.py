@@ -156,6 +156,7 @@ class Calibration:
 
     def log10_threshold(self, epsilon: float | None, test_count: TestCount, null: Null) -> float:
         """The detection threshold on log10 NFA: log10 epsilon when given (the paper's rule), else the promise's."""
+        check_options(epsilon, test_count, null)
         if epsilon is not None:
             return math.log10(epsilon)
         if self.promise is None:

@@ -1,12 +1,15 @@
-"""Command line: ``uflow fit``, ``predict``, ``evaluate``, ``benchmark`` and ``demo``.
+"""Command line: ``uflow fit``, ``predict``, ``watch``, ``export``, ``evaluate``, ``benchmark`` and ``demo``.
 
 Problems with the user's data or models print one line, ``uflow: error: ...``,
 and exit with status 1; anything else is a bug and keeps its traceback.
+Progress bars are drawn only on a terminal; redirected to a file, each
+command logs one line per event instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -167,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segmentation_args(bench, with_switch=False)
     _add_common_model_args(bench)
 
+    watch = sub.add_parser(
+        "watch",
+        help="score images as they land in a hot folder",
+        description="Score each image that appears in IN_DIR once it is completely written, write its files to --out as "
+        "'uflow predict' does, append its row to --out/results.csv and move it to the done folder (unreadable images: "
+        "errors.csv and the failed folder). Stop with Ctrl-C or SIGTERM; a restart never scores an image twice or loses one.",
+    )
+    watch.add_argument("run_dir", metavar="MODEL", help="run folder written by 'uflow fit', or a .onnx file written by 'uflow export'")
+    watch.add_argument("in_dir", metavar="IN_DIR", help="the folder to watch (only images directly in it)")
+    watch.add_argument("--out", required=True, metavar="DIR", help="output folder: per-image files, results.csv, errors.csv")
+    watch.add_argument("--done", default=None, metavar="DIR", help="where scored images go (default IN_DIR/done)")
+    watch.add_argument("--failed", default=None, metavar="DIR", help="where unreadable images go (default IN_DIR/failed)")
+    watch.add_argument("--settle", type=float, default=1.0, metavar="S", help="seconds a file must stay unchanged before it is read (default 1)")
+    watch.add_argument("--poll", type=float, default=0.5, metavar="S", help="seconds between looks at the folder (default 0.5)")
+    watch.add_argument("--once", action="store_true", help="score what is in the folder, waiting for it to settle, then exit")
+    watch.add_argument("--batch-size", type=int, default=8)
+    watch.add_argument("--outputs", default="overlay,map,mask", help="per-image files, as for predict (default overlay,map,mask)")
+    watch.add_argument("--quiet", action="store_true", help="log warnings only")
+    _add_segmentation_args(watch)
+    _add_common_model_args(watch)
+
     demo = sub.add_parser(
         "demo",
         help="end-to-end run on bundled real textures (no download)",
@@ -178,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="training epochs per category (default 30)")
     demo.add_argument("--quiet", action="store_true")
     return parser
+
+
+def _progress_bars(args: argparse.Namespace) -> bool:
+    """Bars on a terminal only: in a log file their carriage-return frames are thousands of unreadable lines."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
@@ -202,7 +235,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
             device=args.device,
             weights=args.weights,
             allow_download=not args.no_download,
-            progress=not args.quiet,
+            progress=_progress_bars(args),
         )
     t = model.training
     print(
@@ -255,7 +288,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         if args.engine == "ray":
             from .ray_engine import score_on_ray
 
-            with tqdm(desc="predict", unit="img", disable=args.quiet) as bar:
+            with tqdm(desc="predict", unit="img", disable=not _progress_bars(args)) as bar:
                 score_on_ray(
                     partial(_load_predict_model, args), paths, writer.stage, layout, options, skip_errors=args.on_error == "skip",
                     device=args.device, address=args.address, on_batch=lambda done: bar.update(done.images + done.failed),
@@ -263,7 +296,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         else:
             on_error = writer.add_error if args.on_error == "skip" else None
             stream = model.iter_predict(paths, keep_images="overlay" in kinds, on_error=on_error, **options)
-            for pred in tqdm(stream, desc="predict", unit="img", disable=args.quiet):
+            for pred in tqdm(stream, desc="predict", unit="img", disable=not _progress_bars(args)):
                 writer.add(pred)
         summary = writer.finish()
     print(f"{summary.n_images} images, {summary.n_anomalous} anomalous; results in {Path(args.out) / 'results.csv'}")
@@ -272,6 +305,33 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             f"{summary.n_errors} of {summary.n_images + summary.n_errors} images could not be scored and are listed in "
             f"{Path(args.out) / 'errors.csv'} (first: {summary.first_error})"
         )
+
+
+def _cmd_watch(args: argparse.Namespace) -> None:
+    import signal
+    import threading
+
+    from .outputs import parse_output_kinds
+    from .watch import HotFolder
+
+    args.workers, args.compile, args.precision = 0, False, "fp32"  # what _load_predict_model reads; predict's GPU options
+    kinds = parse_output_kinds(args.outputs)
+    model = _load_predict_model(args, args.device)
+    options = {"segmentation": not args.no_segmentation, **_segmentation_options(args)}
+    folder = HotFolder(
+        model, args.in_dir, args.out, kinds=kinds, done_dir=args.done, failed_dir=args.failed, predict_options=options,
+        settle_s=args.settle, poll_s=args.poll, batch_size=args.batch_size,
+    )
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        logging.getLogger("uflow.watch").info("stopping after the batch in hand")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    done = folder.run(stop, once=args.once)
+    print(f"{done.scored} images scored ({done.anomalous} anomalous), {done.failed} unreadable, {done.recovered} recovered; results in {folder.results.path}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -294,7 +354,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
     out = Path(args.out or args.run_dir)
     result = evaluate(
-        model, args.data, out, batch_size=args.batch_size, report=not args.no_report, progress=not args.quiet, **_segmentation_options(args)
+        model, args.data, out, batch_size=args.batch_size, report=not args.no_report, progress=_progress_bars(args), **_segmentation_options(args)
     )
     print(format_table([(result.category, result.metrics)]))
     print(f"metrics: {out / 'metrics.json'}")
@@ -329,7 +389,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         map_categories = map
     run_benchmark(
         args.root, args.out, fit_options=fit_options, evaluate_options=_segmentation_options(args),
-        only=_category_list(args.categories), progress=not args.quiet, map_categories=map_categories,
+        only=_category_list(args.categories), progress=_progress_bars(args), map_categories=map_categories,
     )
     print(f"report:  {(Path(args.out) / 'report.html').resolve()}")
 
@@ -342,12 +402,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     unknown = sorted(set(chosen) - set(CATEGORIES))
     if unknown or not chosen:
         raise UFlowError(f"demo categories must be among {', '.join(CATEGORIES)}, got {args.categories!r}")
-    run_demo(Path(args.out), categories=chosen, epochs=args.epochs or DEMO_EPOCHS, progress=not args.quiet)
+    run_demo(Path(args.out), categories=chosen, epochs=args.epochs or DEMO_EPOCHS, progress=_progress_bars(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "export": _cmd_export, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
+    _configure_logging(getattr(args, "quiet", False))
+    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "watch": _cmd_watch, "export": _cmd_export, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
     try:
         handlers[args.command](args)
     except UFlowError as exc:

@@ -37,6 +37,7 @@ OUTPUT_KINDS: tuple[str, ...] = ("overlay", "map", "mask")
 # about 15 % larger; at 20+ images a second on two cores the encoder would otherwise cost as much as the model.
 PNG_COMPRESSION = 1
 _ROWS, _ERRORS = ".rows", ".errors"  # spooled part files inside the stage
+RESULT_COLUMNS: tuple[str, ...] = ("path", "score", "label", "regions", "min_log10_nfa")
 
 
 def parse_output_kinds(text: str) -> tuple[str, ...]:
@@ -91,6 +92,12 @@ def write_image_outputs(pred: Prediction, folder: Path, layout: OutputLayout) ->
     row = pred.summary()
     row["outputs"] = files
     return row
+
+
+def table_row(row: dict) -> list:
+    """A result row (:func:`write_image_outputs`) as the values of :data:`RESULT_COLUMNS`."""
+    nfa = min((r["log10_nfa"] for r in row["regions"]), default="")
+    return [row["path"], row["score"], row["label"], len(row["regions"]), nfa]
 
 
 def write_part(stage: Path, name: str, rows: Sequence[dict], errors: Sequence[dict] = ()) -> None:
@@ -221,12 +228,11 @@ def _write_tables(rows: Iterable[dict], out_dir: Path, meta: dict) -> tuple[int,
     n_images = n_anomalous = 0
     with atomic_open(out_dir / "results.csv") as table, atomic_open(out_dir / "results.json") as doc:
         writer = csv.writer(table)
-        writer.writerow(["path", "score", "label", "regions", "min_log10_nfa"])
+        writer.writerow(RESULT_COLUMNS)
         head = json.dumps(meta, indent=2)
         doc.write(head[:-1].rstrip() + (",\n" if meta else "\n") + '  "images": [')
         for row in rows:
-            nfa = min((r["log10_nfa"] for r in row["regions"]), default="")
-            writer.writerow([row["path"], row["score"], row["label"], len(row["regions"]), nfa])
+            writer.writerow(table_row(row))
             doc.write(("," if n_images else "") + "\n    " + json.dumps(row))
             n_images += 1
             n_anomalous += row["label"] == "anomalous"

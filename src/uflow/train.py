@@ -12,6 +12,7 @@ nothing else, measure the rate that threshold gives (see
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,8 @@ from .calibration import FALSE_ALARM_RATE, Calibration, check_rate, images_to_ve
 from .model import UFlowModel, resolve_device, to_model_input
 from .anomaly_map import chi2_statistics, image_score, likelihood_map
 from .segmentation import correlation_area
+
+log = logging.getLogger(__name__)
 
 MIN_IMAGES = 4  # one per role: training, validation, calibration, verification
 
@@ -222,6 +225,8 @@ def fit(
                 best_nll, best_epoch = val_nll, epoch
                 best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
             bar.set_postfix(loss=f"{train_nll:.4f}", val_nll=f"{val_nll:.4f}", best=best_epoch)
+            if not progress:  # the bar shows the same; without it (a log file), one line per epoch
+                log.info("epoch %d/%d: train NLL %.4f, held-out NLL %.4f, best epoch %d", epoch, epochs, train_nll, val_nll, best_epoch)
             if epoch - best_epoch >= patience:
                 stopped = "early_stopping"
                 break
