@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 import uflow
-from uflow.evaluate import evaluate, format_table
+from uflow.evaluate import evaluate
+from uflow.tables import format_table
 
 
 def build_category(root: Path, seed: int, train_share: float) -> Path:

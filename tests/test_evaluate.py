@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from uflow.errors import UFlowError
-from uflow.evaluate import evaluate, format_table, mvtec_test_set
+from uflow.evaluate import evaluate, mvtec_test_set
+from uflow.tables import format_table
 
 
 @pytest.fixture(scope="module")

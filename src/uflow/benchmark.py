@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .files import atomic_write_text
 from .errors import UFlowError
-from .evaluate import evaluate, json_text, format_table
+from .evaluate import evaluate, json_text
+from .tables import format_table
 from .report import write_benchmark_page
 from .train import fit
 

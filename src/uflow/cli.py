@@ -348,7 +348,8 @@ def _segmentation_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate
+    from .tables import format_table
     from .model import load
 
     model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from . import __version__
 from .files import atomic_write_text
 from .errors import UFlowError
 from .images import IMAGE_SUFFIXES, as_float_image, list_images, read_mask
-from .metrics import Curve, PixelStatistics, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve
+from .metrics import PixelStatistics, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve
 from .calibration import Null, binomial_upper_bound
 from .model import UFlowModel, to_model_input
+from .report import Panel, write_report
+from .result import Evaluation
 from .segmentation import TestCount
 from .train import training_images
 
@@ -81,52 +82,19 @@ def mvtec_test_set(category: str | os.PathLike) -> tuple[list[TestImage], bool]:
     return items, has_masks
 
 
-@dataclass
-class Evaluation:
-    """Metrics of one model on one category, with per-image results and the curves behind them."""
-
-    category: str
-    metrics: dict[str, Any]
-    thresholds: dict[str, float]
-    images: list[dict[str, Any]]
-    settings: dict[str, Any]
-    curves: dict[str, Curve] = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "uflow_version": __version__,
-            "category": self.category,
-            "settings": self.settings,
-            "metrics": self.metrics,
-            "thresholds": self.thresholds,
-            "images": self.images,
-        }
-
-
-@dataclass
-class Panel:
-    """What the report shows for one test image, at the evaluation resolution."""
-
-    image: np.ndarray  # (S, S, 3) uint8
-    truth: np.ndarray  # (S, S) bool
-    anomaly_map: np.ndarray
-    detected: np.ndarray  # (S, S) bool, automatic threshold
-    record: dict[str, Any]
-
-
-def _model_resolution(path: Path, size: int, square: bool) -> tuple[np.ndarray, tuple[int, int]]:
+def _model_resolution(path: Path, size: int, square: bool) -> np.ndarray:
     image, _ = as_float_image(path, square=square)
-    return to_model_input(image, size).numpy().transpose(1, 2, 0), image.shape[:2]
+    return to_model_input(image, size).numpy().transpose(1, 2, 0)
 
 
-def _truth_mask(item: TestImage, original: tuple[int, int], size: int) -> np.ndarray:
+def _truth_mask(item: TestImage, size: int) -> np.ndarray:
     if item.mask_path is None:
         return np.zeros((size, size), dtype=bool)
     mask = read_mask(item.mask_path)
-    if mask.shape != original:
-        raise UFlowError(
-            f"{item.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {item.path.name} is {original[1]}x{original[0]}"
-        )
+    with Image.open(item.path) as image:  # the header only: the pixels were read for scoring
+        width, height = image.size
+    if mask.shape != (height, width):
+        raise UFlowError(f"{item.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {item.path.name} is {width}x{height}")
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)
     return np.asarray(resized) > 0
 
@@ -171,23 +139,21 @@ def evaluate(
     square = model.extractor.spec.fixed_image_size
     options = dict(batch_size=batch_size, epsilon=epsilon, test_count=test_count, null=null)
 
-    maps, nfas, truths, panels_in = [], [], [], []
-    bar = tqdm(total=len(items), desc="evaluate", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        loaded = [_model_resolution(it.path, size, square) for it in chunk]
-        predictions = model.predict([arr for arr, _ in loaded], **options)
-        for item, (arr, original), pred in zip(chunk, loaded, predictions):
-            truth = _truth_mask(item, original, size)
+    val_paths, fair_source = _validation_images(model, category)
+    # Test and validation images go through the model as one stream, so its batches stay full.
+    resized = (_model_resolution(p, size, square) for p in [*(it.path for it in items), *val_paths])
+    maps, nfas, truths, panels_in, val_nfa = [], [], [], [], []
+    bar = tqdm(total=len(items) + len(val_paths), desc="evaluate", unit="img", disable=not progress, leave=False)
+    for k, pred in enumerate(model.iter_predict(resized, keep_images=True, **options)):
+        if k < len(items):
             maps.append(pred.anomaly_map)
             nfas.append(pred.log10_nfa)
-            truths.append(truth)
-            panels_in.append((np.round(arr * 255).astype(np.uint8), pred))
-        bar.update(len(chunk))
+            truths.append(_truth_mask(items[k], size))
+            panels_in.append((np.round(pred.image * 255).astype(np.uint8), pred))
+        else:
+            val_nfa.append(pred.log10_nfa)
+        bar.update(1)
     bar.close()
-
-    val_paths, fair_source = _validation_images(model, category)
-    val_nfa = [p.log10_nfa for p in model.predict([_model_resolution(p, size, square)[0] for p in val_paths], **options)]
 
     scores = np.array([float(m.max()) for m in maps])
     anomalous = np.array([it.anomalous for it in items])
@@ -264,8 +230,6 @@ def evaluate(
         out = Path(out)
         atomic_write_text(out / "metrics.json", json_text(result.to_dict()))
         if report:
-            from .report import write_report
-
             order = _worst_first(scores, anomalous, flagged, iou)[:max_panels]
             panels = [Panel(panels_in[k][0], truths[k], maps[k], detected[k], records[k]) for k in order]
             write_report(out, result, panels, (model.calibration.display_low, model.calibration.display_high), model.calibration.score_threshold)
@@ -302,78 +266,3 @@ def json_text(data: Any) -> str:
         return value
 
     return json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
-
-
-# --------------------------------------------------------------------------- tables
-
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("image_auroc", "img AUROC", "pct"),
-    ("pixel_auroc", "px AUROC", "pct"),
-    ("aupro", "AUPRO", "pct"),
-    ("f1_max", "F1-max", "pct"),
-    ("miou_auto", "mIoU auto", "frac"),
-    ("miou_fair", "mIoU fair", "frac"),
-    ("miou_oracle", "mIoU oracle", "frac"),
-)
-
-
-def format_value(value: Any, kind: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{100 * value:.2f}" if kind == "pct" else f"{value:.3f}"
-
-
-def _share(flagged: int | None, n: int | None) -> str:
-    return "-" if flagged is None or not n else f"{flagged}/{n} ({100 * flagged / n:.1f}%)"
-
-
-def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> list[list[str]]:
-    """Header plus one row per (name, metrics), plus the mean row as the paper's tables have it.
-
-    The false-alarm columns put side by side the promised rate, the rate
-    measured on the run's verification images (with its 95 % upper bound) and
-    the share of this test set's normal images flagged.
-    """
-    header = ["category"] + [title for _, title, _ in COLUMNS] + ["flagged: defective", "flagged: normal", "FA promised", "FA verified (95% bound)"]
-    out = [header]
-
-    def false_alarm_cells(m: dict[str, Any]) -> list[str]:
-        promised = m.get("false_alarm_promised")
-        verified = _share(m.get("verification_flagged"), m.get("n_verification"))
-        if verified != "-":
-            verified += f" <= {100 * m['false_alarm_verified_upper_95']:.1f}%"
-        return ["-" if promised is None else f"{100 * promised:.1f}%", verified]
-
-    for name, m in rows:
-        out.append(
-            [name]
-            + [format_value(m.get(key), kind) for key, _, kind in COLUMNS]
-            + [_share(m["anomalous_flagged"], m["n_anomalous"]), _share(m["normal_flagged"], m["n_normal"])]
-            + false_alarm_cells(m)
-        )
-    if with_mean and rows:
-        mean_row = ["mean"]
-        for key, _, kind in COLUMNS:
-            values = [m.get(key) for _, m in rows]
-            values = [v for v in values if v is not None]
-            mean_row.append(format_value(float(np.mean(values)), kind) if values else "-")
-        for key, total in (("anomalous_flagged", "n_anomalous"), ("normal_flagged", "n_normal")):
-            mean_row.append(_share(sum(m[key] for _, m in rows), sum(m[total] for _, m in rows)))
-        promised = {m.get("false_alarm_promised") for _, m in rows}
-        flagged = [m.get("verification_flagged") for _, m in rows]
-        n_ver = sum(m.get("n_verification") or 0 for _, m in rows)
-        pooled = None if None in flagged else sum(flagged)
-        mean_row += ["-" if len(promised) != 1 or None in promised else f"{100 * promised.pop():.1f}%", _share(pooled, n_ver)]
-        out.append(mean_row)
-    return out
-
-
-def format_table(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool = False) -> str:
-    """A plain-text table: AUROC, AUPRO and F1 in percent, mIoU as a fraction."""
-    cells = table_rows(rows, with_mean)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if with_mean and len(cells) > 2:
-        lines.insert(len(lines) - 1, lines[1])
-    return "\n".join(lines)

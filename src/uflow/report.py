@@ -11,18 +11,18 @@ import html
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from .files import atomic_write_text
+from .result import Evaluation
+from .tables import table_rows
 from .visualize import overlay
-
-if TYPE_CHECKING:
-    from .evaluate import Evaluation, Panel
 
 ASSETS = "report_files"
 _GREEN = np.array([0.1, 0.95, 0.2])
@@ -44,6 +44,17 @@ tr.mean td { font-weight: bold; border-top: 2px solid #888; }
 """
 
 
+@dataclass
+class Panel:
+    """What the report shows for one test image, at the evaluation resolution."""
+
+    image: np.ndarray  # (S, S, 3) uint8
+    truth: np.ndarray  # (S, S) bool
+    anomaly_map: np.ndarray
+    detected: np.ndarray  # (S, S) bool, automatic threshold
+    record: dict[str, Any]
+
+
 def _outline(image: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> np.ndarray:
     if mask.any():
         edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(mask.shape) // 192))
@@ -52,7 +63,7 @@ def _outline(image: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> np.ndar
     return image
 
 
-def panel_image(panel: "Panel", display: tuple[float, float]) -> np.ndarray:
+def panel_image(panel: Panel, display: tuple[float, float]) -> np.ndarray:
     """Image with the ground truth outlined (green) | anomaly map overlay with detections (cyan) | automatic mask."""
     image = panel.image.astype(np.float32) / 255.0
     left = _outline(image, panel.truth, _GREEN)
@@ -64,7 +75,7 @@ def panel_image(panel: "Panel", display: tuple[float, float]) -> np.ndarray:
     return np.clip(np.round(strip * 255), 0, 255).astype(np.uint8)
 
 
-def _figures(evaluation: "Evaluation", folder: Path, score_threshold: float) -> list[tuple[str, str]]:
+def _figures(evaluation: Evaluation, folder: Path, score_threshold: float) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +144,6 @@ def _pct(value: Any) -> str:
 
 
 def _table_html(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool, links: dict[str, str] | None = None) -> str:
-    from .evaluate import table_rows
 
     cells = table_rows(rows, with_mean)
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr>"]
@@ -159,7 +169,7 @@ _METRIC_NOTES = (
 
 
 def write_report(
-    out: Path, evaluation: "Evaluation", panels: Sequence["Panel"], display: tuple[float, float], score_threshold: float
+    out: Path, evaluation: Evaluation, panels: Sequence[Panel], display: tuple[float, float], score_threshold: float
 ) -> Path:
     """Write ``out/report.html`` and its figures in ``out/report_files``; returns the page's path."""
     out = Path(out)

@@ -1,13 +1,18 @@
-"""The typed result of a prediction, one per image."""
+"""The typed results: a prediction, one per image, and an evaluation, one per category."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import __version__
 from .segmentation import Region
+
+if TYPE_CHECKING:  # metrics needs scikit-learn, which an inference-only install lacks
+    from .metrics import Curve
 
 
 @dataclass
@@ -45,4 +50,26 @@ class Prediction:
             "score": round(float(self.score), 6),
             "label": self.label,
             "regions": [r.to_dict() for r in self.regions],
+        }
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one category, with per-image results and the curves behind them."""
+
+    category: str
+    metrics: dict[str, Any]
+    thresholds: dict[str, float]
+    images: list[dict[str, Any]]
+    settings: dict[str, Any]
+    curves: dict[str, Curve] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uflow_version": __version__,
+            "category": self.category,
+            "settings": self.settings,
+            "metrics": self.metrics,
+            "thresholds": self.thresholds,
+            "images": self.images,
         }
