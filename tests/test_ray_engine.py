@@ -25,7 +25,8 @@ import pytest
 
 from uflow.images import iter_inputs
 from uflow.outputs import OUTPUT_KINDS, OutputLayout, ResultsWriter
-from uflow.ray_engine import INSTALL_HINT, BatchDone, BatchScorer, worker_device
+from uflow.errors import UFlowError
+from uflow.ray_engine import INSTALL_HINT, BatchDone, BatchScorer, pool_size, worker_device
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Ray's token authentication, with a token of this module's own: nothing read from or written to ~/.ray.
@@ -86,11 +87,23 @@ def _files(folder: Path) -> list[str]:
 
 def test_worker_device_reserves_one_gpu_per_worker_or_none():
     assert worker_device("auto", 0) == ("cpu", 0)
+    assert worker_device("auto", 0.5) == ("cpu", 0)  # a fraction of a GPU cannot hold a whole worker
     assert worker_device("auto", 4) == ("cuda", 1)
+    assert worker_device("cuda", 1) == ("cuda", 1)
     assert worker_device("cuda:3", 4) == ("cuda", 1)  # Ray shows each worker only its own GPU
-    assert worker_device("cpu", 4) == ("cpu", 0)
-    with pytest.raises(Exception, match="no GPUs"):
-        worker_device("cuda", 0)
+    assert worker_device("cpu", 4) == ("cpu", 0)  # GPUs in the cluster are left alone
+    for device, gpus in (("cuda", 0), ("cuda:1", 0.5)):
+        with pytest.raises(UFlowError, match=f"--device {device}: the Ray cluster has no GPUs"):
+            worker_device(device, gpus)
+
+
+def test_pool_size_is_one_worker_per_gpu_or_per_cpus_and_never_more_than_can_be_placed():
+    assert pool_size({"CPU": 8.0}, gpus=0, cpus_per_worker=1) == 8
+    assert pool_size({"CPU": 8.0, "GPU": 2.0}, gpus=0, cpus_per_worker=1) == 8  # --device cpu on a GPU cluster
+    assert pool_size({"CPU": 8.0}, gpus=0, cpus_per_worker=3) == 2
+    assert pool_size({"CPU": 8.0, "GPU": 2.0}, gpus=1, cpus_per_worker=1) == 2
+    assert pool_size({"CPU": 2.0, "GPU": 4.0}, gpus=1, cpus_per_worker=1) == 2  # each GPU worker also takes a CPU
+    assert pool_size({"CPU": 1.0}, gpus=0, cpus_per_worker=2) == 1
 
 
 def test_without_ray_the_error_names_the_install_command(run_dir, brick, tmp_path):
@@ -228,8 +241,10 @@ from uflow.ray_engine import score_on_ray
 
 address, run_dir, images, out, seen = sys.argv[1:]
 
-def load_on_cpu(device):  # the declared GPUs do not exist: record the one Ray gave this worker, score on the CPU
-    (Path(seen) / os.environ["CUDA_VISIBLE_DEVICES"]).write_text(device)
+def load_on_cpu(device):  # the declared GPUs do not exist: record what Ray gave this worker, score on the CPU
+    import json, ray
+    held = ray.get_runtime_context().get_assigned_resources()
+    (Path(seen) / os.environ["CUDA_VISIBLE_DEVICES"]).write_text(json.dumps({"device": device, **held}))
     return uflow.load(run_dir, device="cpu", allow_download=False)
 
 layout = OutputLayout(Path(images), ("map",))
@@ -245,7 +260,9 @@ def test_gpu_workers_reserve_one_gpu_each(cluster, model, run_dir, brick, tmp_pa
     args = [cluster["address"], run_dir, brick / "test", out, seen]
     res = subprocess.run([sys.executable, "-c", GPU_RUN, *map(str, args)], capture_output=True, text=True, env=_env(), timeout=120)
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in seen.iterdir()) == ["0", "1"] and {p.read_text() for p in seen.iterdir()} == {"cuda"}
+    assert sorted(p.name for p in seen.iterdir()) == ["0", "1"], "one worker per GPU, each shown only its own"
+    for worker in seen.iterdir():
+        assert json.loads(worker.read_text()) == {"device": "cuda", "GPU": 1.0, "CPU": 1.0}
     paths = sorted((brick / "test").rglob("*.png"))
     rows = _read_rows(out)
     assert [r["path"] for r in rows] == [str(p) for p in paths]

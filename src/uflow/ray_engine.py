@@ -101,10 +101,15 @@ def worker_device(device: str, cluster_gpus: float) -> tuple[str, int]:
     return device, 0
 
 
-def _pool_size(ray: Any, gpus: int, cpus_per_worker: int) -> int:
-    resources = ray.cluster_resources()
-    available = resources.get("GPU", 0) / gpus if gpus else resources.get("CPU", 1) / cpus_per_worker
-    return max(1, int(available))
+def pool_size(resources: dict[str, float], gpus: int, cpus_per_worker: int) -> int:
+    """How many workers a cluster with ``resources`` (Ray's ``cluster_resources()``) runs at once.
+
+    A GPU worker also takes ``cpus_per_worker`` CPUs, so a cluster with more
+    GPUs than CPUs is limited by its CPUs: an actor that can never be placed
+    would hold its batches forever and the run would never end.
+    """
+    by_cpu = resources.get("CPU", 1) / cpus_per_worker
+    return max(1, int(min(by_cpu, resources.get("GPU", 0) / gpus) if gpus else by_cpu))
 
 
 def part_name(index: int) -> str:
@@ -174,7 +179,7 @@ def score_on_ray(
         raise UFlowError(f"batch size must be at least 1, got {batch_size}")
     with ray_session(address) as ray:
         worker_dev, gpus = worker_device(device, ray.cluster_resources().get("GPU", 0))
-        n_workers = workers or _pool_size(ray, gpus, cpus_per_worker)
+        n_workers = workers or pool_size(ray.cluster_resources(), gpus, cpus_per_worker)
         scorer = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=MAX_BATCH_RETRIES)(BatchScorer)
         pool = [scorer.remote(load_model, worker_dev, stage, layout, options, skip_errors) for _ in range(n_workers)]
         remaining = iter(paths)
