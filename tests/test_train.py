@@ -40,3 +40,18 @@ def test_fit_with_a_disk_cache_gives_a_working_model(brick, tmp_path, monkeypatc
     prediction = model.predict(sorted((brick / "test" / "blob").glob("*.png"))[0])[0]
     assert 0.0 <= prediction.score <= 1.0
     assert set(Path(tempfile.gettempdir()).glob("uflow-features-*")) <= before, "no disk cache left behind"
+
+
+def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_trains(tmp_path):
+    from uflow.textures import make_texture_dataset
+
+    root = make_texture_dataset(tmp_path / "data", categories=("gravel",), n_train=8, n_good=1, n_per_defect=1, size=64, n_validation=7)
+    category = root / "gravel"
+    model = uflow.fit(category, **SMALL)
+    t = model.training
+    held_out = {str(p.resolve()) for p in (category / "validation" / "good").glob("*.png")}
+    used = set(t["val_images"]) | set(t["calibration_images"]) | set(t["verification_images"])
+    assert used == held_out  # every held-out image has exactly one role, none comes from train/good
+    assert t["n_val"] + t["n_calibration"] + t["n_verification"] == 7
+    assert min(t["n_val"], t["n_calibration"], t["n_verification"]) >= 1
+    assert t["n_train"] == 8

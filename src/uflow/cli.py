@@ -212,6 +212,12 @@ def _progress_bars(args: argparse.Namespace) -> bool:
 def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        # Python's default prints the file, the line number and the source line: noise for a person reading a log.
+        logging.getLogger("uflow").warning("warning: %s", message)
+
+    warnings.showwarning = one_line
+
 
 def _cmd_fit(args: argparse.Namespace) -> None:
     from .train import fit

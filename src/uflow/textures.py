@@ -1,8 +1,12 @@
 """A small MVTec-style dataset built from scikit-image's bundled real textures (no download).
 
 brick, grass and gravel are real 512x512 photographs (CC0). Training crops
-come from the upper part of each photograph and test crops from the lower
-part, so test images are new views of the same material. Defects are
+come from the upper part of each photograph; test crops, and the held-out
+crops of ``validation/good`` when asked for, from the lower part. Training
+crops overlap each other, so held-out images drawn from among them would be
+more familiar to the model than the test images; crops from the lower part
+are as new to it as the test images are, which is what calibrating a
+false-alarm rate needs. Defects are
 synthetic, so their masks are exact: foreign-texture blobs with irregular
 outlines, thin scratches, stains, and shifted patches of the material itself.
 Everything is seeded: the same call gives the same files.
@@ -108,11 +112,13 @@ def make_texture_dataset(
     n_per_defect: int = 4,
     size: int = 128,
     seed: int = 0,
+    n_validation: int = 0,
 ) -> Path:
     """Write an MVTec-style dataset under ``root``; returns ``root``.
 
     Layout per category: ``train/good``, ``test/good``, ``test/<defect>`` and
-    ``ground_truth/<defect>/<stem>_mask.png``.
+    ``ground_truth/<defect>/<stem>_mask.png``, and ``validation/good`` with
+    ``n_validation`` > 0.
     """
     root = Path(root)
     for c_index, name in enumerate(categories):
@@ -131,4 +137,7 @@ def make_texture_dataset(
                 bad, mask = add_defect(clean, kind, rng, donor)
                 _save(base / "test" / kind / f"{i:03d}.png", bad)
                 _save(base / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.float32))
+        held_out_rng = np.random.default_rng([seed, c_index, 1])  # its own stream: the other files stay as they were
+        for i in range(n_validation):
+            _save(base / "validation" / "good" / f"{i:03d}.png", _crop(img, held_out_rng, (split, img.shape[0]), size))
     return root

@@ -41,6 +41,23 @@ log = logging.getLogger(__name__)
 MIN_IMAGES = 4  # one per role: training, validation, calibration, verification
 
 
+def held_out_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path] | None:
+    """``DATA/validation/good`` of an MVTec-style category (MVTec LOCO and AD 2 have one), else None.
+
+    When present, these normal images alone stop training, fit the null,
+    calibrate and verify the threshold, and all of ``train/good`` trains. That
+    matters when the training images are not independent of each other
+    (overlapping crops, bursts of one part): held-out images drawn from among
+    them look more familiar to the flow than a new part does, and a threshold
+    calibrated on them flags new normal parts far more often than promised.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        folder = Path(data) / "validation" / "good"
+        if folder.is_dir():
+            return list_images(folder)
+    return None
+
+
 def training_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Normal images for training: ``DATA/train/good`` of an MVTec-style category, else the folder itself."""
     if isinstance(data, (str, os.PathLike)):
@@ -129,7 +146,8 @@ def fit(
 ) -> UFlowModel:
     """Train a U-Flow model on normal images and (if ``out`` is given) save it there.
 
-    ``data`` is an MVTec-style category folder (``train/good`` is used), a plain
+    ``data`` is an MVTec-style category folder (``train/good`` is used, and
+    ``validation/good`` when present, see :func:`held_out_images`), a plain
     folder of normal images, or a list of image paths. The best epoch by
     validation NLL on held-out normal images is kept. A non-finite loss stops
     training; the best model so far is saved and :class:`UFlowError` raised.
@@ -156,16 +174,28 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
 
-    order = torch.randperm(len(paths), generator=generator).tolist()
-    counts = [max(1, round(val_fraction * len(paths))), max(1, round(calibration_fraction * len(paths))), round(verification_fraction * len(paths))]
-    if len(paths) - sum(counts) < 1:
+    held_out = held_out_images(data)
+    if held_out is None:
+        pool = paths
+        fractions = (val_fraction, calibration_fraction, verification_fraction)
+    else:  # the held-out folder is shared among the three roles in the same proportions
+        if len(held_out) < 3:
+            raise UFlowError(f"{Path(data) / 'validation' / 'good'}: {len(held_out)} image(s); at least 3 are needed (to stop, calibrate and verify)")
+        pool = held_out
+        total = val_fraction + calibration_fraction + verification_fraction
+        fractions = (val_fraction / total, calibration_fraction / total, verification_fraction / total)
+    order = torch.randperm(len(pool), generator=generator).tolist()
+    counts = [max(1, round(fractions[0] * len(pool))), max(1, round(fractions[1] * len(pool))), round(fractions[2] * len(pool))]
+    if held_out is not None:
+        counts[2] = len(pool) - counts[0] - counts[1]
+    elif len(paths) - sum(counts) < 1:
         raise UFlowError(
             f"{data}: {len(paths)} normal images leave none to train on after {counts[0]} for validation, "
             f"{counts[1]} for calibration and {counts[2]} for verification; lower those fractions"
         )
     bounds = np.cumsum([0, *counts])
-    val_paths, cal_paths, ver_paths = ([paths[i] for i in sorted(order[a:b])] for a, b in zip(bounds[:-1], bounds[1:]))
-    train_paths = [paths[i] for i in sorted(order[bounds[-1] :])]
+    val_paths, cal_paths, ver_paths = ([pool[i] for i in sorted(order[a:b])] for a, b in zip(bounds[:-1], bounds[1:]))
+    train_paths = paths if held_out is not None else [paths[i] for i in sorted(order[bounds[-1] :])]
 
     extractor = build_feature_extractor(backbone, image_size, weights, allow_download).to(dev)
     size = extractor.image_size
