@@ -55,3 +55,10 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
     assert t["n_val"] + t["n_calibration"] + t["n_verification"] == 7
     assert min(t["n_val"], t["n_calibration"], t["n_verification"]) >= 1
     assert t["n_train"] == 8
+    # What the run records is what predict then does: its verification images flagged as counted at fit time,
+    # and at most k - 1 of its calibration images (the threshold is the k-th smallest of their values).
+    promise = model.calibration.promise
+    flagged = sum(p.is_anomalous for p in model.predict(t["verification_images"]))
+    assert flagged == promise.verification_flagged
+    k = round(promise.rate * (promise.calibration_images + 1))
+    assert sum(p.is_anomalous for p in model.predict(t["calibration_images"])) <= k - 1
