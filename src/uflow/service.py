@@ -29,10 +29,10 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -85,8 +85,10 @@ class _Job:
 class BatchScorer:
     """The one thread that calls the model: it scores queued images together, in batches of up to ``max_batch``.
 
-    After the first image of a batch arrives it waits at most ``max_wait_s``
-    for more. Every submitted image gets an answer: when a batch fails, its
+    After the first image of a batch arrives it takes what else is queued and
+    waits, at most ``max_wait_s``, only while other images are on their way
+    (announced with :meth:`expect`: requests still uploading or decoding), so
+    a lone request is scored at once. Every submitted image gets an answer: when a batch fails, its
     images are scored one by one, so one bad image only fails its own request.
     :meth:`stop` lets the thread finish everything queued before it exits.
     """
@@ -99,6 +101,7 @@ class BatchScorer:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="uflow-scorer", daemon=True)
         self._accepting = False
+        self._coming = 0  # images announced and not yet submitted; changed only by the event loop's thread
 
     def start(self) -> None:
         """Score one blank image (the first call of a model is slow), then start the thread."""
@@ -118,6 +121,15 @@ class BatchScorer:
     def depth(self) -> int:
         return self._queue.qsize()
 
+    @contextmanager
+    def expect(self) -> Iterator[None]:
+        """Announce an image that will be submitted (or given up) before the block ends, so a batch may wait for it."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
+
     def submit(self, image: np.ndarray) -> Future:
         if not self._accepting:
             raise _RequestError(503, "the server is shutting down")
@@ -135,9 +147,15 @@ class BatchScorer:
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if self._coming == 0 or remaining <= 0:
+                        break
+                    try:
+                        job = self._queue.get(timeout=remaining)
+                    except queue.Empty:
+                        break
                 if job is None:
                     stopping = True
                     break
@@ -343,14 +361,15 @@ def create_app(
             raise _RequestError(400, "empty request body: send the image as the multipart form field 'image'")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise _RequestError(415, "send the image as the multipart form field 'image' (Content-Type multipart/form-data)")
-        form = await request.form(max_files=1, max_fields=8)
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            fields = ", ".join(sorted(set(form.keys()))) or "none"
-            raise _RequestError(422, f"no file in the multipart form field 'image' (fields sent: {fields})")
-        name = upload.filename or "image"
-        data = await upload.read()
-        image = await run_in_threadpool(_decode, data, name, max_pixels)
+        with scorer.expect():
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                fields = ", ".join(sorted(set(form.keys()))) or "none"
+                raise _RequestError(422, f"no file in the multipart form field 'image' (fields sent: {fields})")
+            name = upload.filename or "image"
+            data = await upload.read()
+            image = await run_in_threadpool(_decode, data, name, max_pixels)
         try:
             pred, batch = await asyncio.wrap_future(scorer.submit(image))
         except UFlowError as exc:  # the model refused this image (e.g. not square for mcait)
