@@ -11,10 +11,9 @@ speed does not depend on accuracy) unless ``--run-dir`` is given, starts
   ``--batch-size`` (decoding and segmentation included, nothing written), and
   each file alone (``batch_size=1``): the single-image time. Both are timed
   in a worker thread, as the service calls the model, and the batch path also
-  in the main thread, as ``uflow predict`` calls it: on this shared 2-core
-  machine PyTorch was up to 3x slower in the main thread than in a new one
-  (its OpenMP threads compete with other work), so only the worker-thread
-  figures compare like with like;
+  in the main thread, as ``uflow predict`` calls it (on this shared 2-core
+  machine either was up to 2x faster than the other from run to run); the
+  served/in-process ratio takes the faster of the two;
 * served: ``--requests`` POST /predict of the same files at concurrency 1, 8
   and 32 (asyncio + httpx, each level stops issuing after ``--level-seconds``),
   answers without the PNGs, as the in-process path computes none.
@@ -149,6 +148,7 @@ def main() -> None:
             asyncio.run(load(url, uploads, 8, 16, 30))  # warm the server's batch sizes and connections
             for run in range(args.runs):
                 row: dict[str, float] = {}
+                time.sleep(2)  # let the server's idle OpenMP threads stop spinning after the last level
                 row["batch"], row["single"] = model_thread.submit(in_process, model, paths, args.batch_size, args.singles).result()
                 row["batch_main"], _ = in_process(model, paths, args.batch_size, 0)
                 for level in LEVELS:
@@ -164,7 +164,7 @@ def main() -> None:
                     f"run {run + 1}: in process {row['batch']:.2f} img/s batched ({row['batch_main']:.2f} in the main thread), "
                     f"{1000 * row['single']:.1f} ms single; served "
                     + ", ".join(f"c{c} {row[f'rps{c}']:.2f} req/s p50 {1000 * row[f'p50_{c}']:.0f} ms p99 {1000 * row[f'p99_{c}']:.0f} ms" for c in LEVELS)
-                    + f"; ratios {row['rps8'] / row['batch']:.2f} and {row['p99_1'] / row['single']:.2f}"
+                    + f"; ratios {row['rps8'] / max(row['batch'], row['batch_main']):.2f} and {row['p99_1'] / row['single']:.2f}"
                 )
         finally:
             model_thread.shutdown()
@@ -179,9 +179,9 @@ def main() -> None:
     print(f"| in process, one image at a time, worker thread | {1 / med['single']:.2f} | {1000 * med['single']:.1f} | |")
     for c in LEVELS:
         print(f"| `uflow serve`, concurrency {c} | {med[f'rps{c}']:.2f} | {1000 * med[f'p50_{c}']:.1f} | {1000 * med[f'p99_{c}']:.1f} |")
-    ratio = med["rps8"] / med["batch"]
+    ratio = med["rps8"] / max(med["batch"], med["batch_main"])
     tail = med["p99_1"] / med["single"]
-    print(f"\nserved at concurrency 8 / in-process batch: {ratio:.2f} (target >= 0.8: {'met' if ratio >= 0.8 else 'not met'})")
+    print(f"\nserved at concurrency 8 / faster in-process batch: {ratio:.2f} (target >= 0.8: {'met' if ratio >= 0.8 else 'not met'})")
     print(f"p99 at concurrency 1 / single-image predict: {tail:.2f} (target <= 2: {'met' if tail <= 2 else 'not met'})")
 
 
