@@ -1,4 +1,4 @@
-"""Command line: ``uflow fit``, ``predict``, ``watch``, ``export``, ``evaluate``, ``benchmark`` and ``demo``.
+"""Command line: ``uflow fit``, ``predict``, ``watch``, ``serve``, ``export``, ``evaluate``, ``benchmark`` and ``demo``.
 
 Problems with the user's data or models print one line, ``uflow: error: ...``,
 and exit with status 1; anything else is a bug and keeps its traceback.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,11 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present; default)")
     p.add_argument("--weights", default=None, metavar="PATH", help="backbone weights file (state dict; for mcait two files, comma separated)")
     p.add_argument("--no-download", action="store_true", help="never try timm's download of backbone weights")
+
+
+def _add_acceleration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision (bf16: faster on GPUs; the flow stays fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU; the first batches are slow)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser, local: str, ray: str) -> None:
@@ -100,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders (searched recursively) or glob patterns")
     pred.add_argument("--out", required=True, metavar="DIR", help="output folder")
     pred.add_argument("--batch-size", type=int, default=16)
-    pred.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="backbone precision (bf16: faster on GPUs; the flow stays fp32)")
-    pred.add_argument("--compile", action="store_true", help="torch.compile the backbone (GPU; the first batches are slow)")
+    _add_acceleration_args(pred)
     pred.add_argument(
         "--workers", type=int, default=0, help="processes that run the segmentation while the model computes the next batch (useful on a GPU; default 0)"
     )
@@ -135,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8", help="graph input type (default uint8, 0..255)")
     export.add_argument("--weights", default=None, metavar="PATH", help="backbone weights file, as for predict")
     export.add_argument("--no-download", action="store_true")
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP: an inspection station",
+        description="Serve MODEL on FastAPI + uvicorn: POST /predict (multipart field 'image'; ?mask=true&overlay=true add the PNGs), "
+        "GET /health, /model, /metrics (Prometheus) and / (a page to drop images on). Concurrent requests are scored in batches. "
+        "Ctrl-C or SIGTERM finishes the requests in flight, then stops.",
+    )
+    serve.add_argument("run_dir", metavar="MODEL", help="run folder written by 'uflow fit', or a .onnx file written by 'uflow export'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for the network)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--token", default=None, help="require 'Authorization: Bearer TOKEN' on /predict and /model (default: the UFLOW_TOKEN environment variable, if set)"
+    )
+    # Defaults live in uflow.service (importing FastAPI here would slow every command); None keeps them.
+    serve.add_argument("--max-batch", type=int, default=None, help="most images scored together (default 16)")
+    serve.add_argument("--max-wait-ms", type=float, default=None, help="longest wait for more images once one has arrived (default 10)")
+    serve.add_argument("--max-body-mb", type=float, default=None, help="largest request body in MiB (default 32; 413 above)")
+    serve.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default 40000000; 413 above)")
+    _add_acceleration_args(serve)
+    _add_common_model_args(serve)
+    serve.set_defaults(workers=0)  # the service scores in one thread; see uflow.service
 
     ev = sub.add_parser(
         "evaluate",
@@ -188,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--batch-size", type=int, default=8)
     watch.add_argument("--outputs", default="overlay,map,mask", help="per-image files, as for predict (default overlay,map,mask)")
     watch.add_argument("--quiet", action="store_true", help="log warnings only")
+    _add_acceleration_args(watch)
     _add_segmentation_args(watch)
     _add_common_model_args(watch)
 
@@ -257,7 +285,7 @@ def _load_predict_model(args: argparse.Namespace, device: str):
     from .onnx_model import OnnxModel
 
     if Path(args.run_dir).suffix == ".onnx":
-        if args.workers or args.compile or args.precision != "fp32":
+        if getattr(args, "workers", 0) or args.compile or args.precision != "fp32":
             raise UFlowError("--workers, --compile and --precision apply to run folders, not to an .onnx model")
         return OnnxModel.load(args.run_dir)
     from .model import load
@@ -320,7 +348,6 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     from .outputs import parse_output_kinds
     from .watch import HotFolder
 
-    args.workers, args.compile, args.precision = 0, False, "fp32"  # what _load_predict_model reads; predict's GPU options
     kinds = parse_output_kinds(args.outputs)
     model = _load_predict_model(args, args.device)
     options = {"segmentation": not args.no_segmentation, **_segmentation_options(args)}
@@ -338,6 +365,34 @@ def _cmd_watch(args: argparse.Namespace) -> None:
         signal.signal(sig, request_stop)
     done = folder.run(stop, once=args.once)
     print(f"{done.scored} images scored ({done.anomalous} anomalous), {done.failed} unreadable, {done.recovered} recovered; results in {folder.results.path}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import logging.config
+
+    import uvicorn
+
+    from .service import create_app, log_config
+
+    token = args.token or os.environ.get("UFLOW_TOKEN") or None
+    model = _load_predict_model(args, args.device)
+    limits = {
+        "max_body_bytes": None if args.max_body_mb is None else int(args.max_body_mb * 2**20),
+        "max_pixels": args.max_pixels,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+    }
+    app = create_app(model, source=str(Path(args.run_dir).resolve()), token=token, **{k: v for k, v in limits.items() if v is not None})
+    logging.config.dictConfig(log_config())
+    log = logging.getLogger("uflow.service")
+    log.info(
+        "serving %s (%s, %d px) at http://%s:%d/ %s", args.run_dir, model.backbone, model.image_size, args.host, args.port,
+        "with a token" if token else "without a token",
+    )
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without a token: anyone who can reach this port can use the model", args.host)
+    # uvicorn stops on SIGINT/SIGTERM after the requests in flight are answered (30 s at most).
+    uvicorn.run(app, host=args.host, port=args.port, log_config=log_config(), access_log=False, timeout_graceful_shutdown=30)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -415,14 +470,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(getattr(args, "quiet", False))
-    handlers = {"fit": _cmd_fit, "predict": _cmd_predict, "watch": _cmd_watch, "export": _cmd_export, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
+    handlers = {
+        "fit": _cmd_fit, "predict": _cmd_predict, "watch": _cmd_watch, "serve": _cmd_serve, "export": _cmd_export,
+        "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo,
+    }
     try:
         handlers[args.command](args)
     except UFlowError as exc:
         print(f"uflow: error: {exc}", file=sys.stderr)
         return 1
     except ImportError as exc:
-        if exc.name not in ("torch", "torchvision", "timm", "safetensors", "onnx", "onnxruntime", "onnxscript", "matplotlib", "sklearn"):
+        if exc.name not in (
+            "torch", "torchvision", "timm", "safetensors", "onnx", "onnxruntime", "onnxscript", "matplotlib", "sklearn",
+            "fastapi", "uvicorn", "multipart", "python_multipart", "prometheus_client",
+        ):
             raise
         print(f"uflow: error: '{args.command}' needs {exc.name}, which is not installed here; repair the install: pip install uflow-anomaly", file=sys.stderr)
         return 1
