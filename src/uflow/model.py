@@ -85,8 +85,6 @@ class UFlowModel:
         self.device = resolve_device(device)
         self.extractor.to(self.device)
         self.flow.to(self.device)
-        if self.device.type == "cuda":  # convolutions on tensor cores want NHWC
-            self.extractor.to(memory_format=torch.channels_last)
         return self
 
     def accelerate(self, precision: str = "bf16", compile: bool = False) -> "UFlowModel":
@@ -110,7 +108,7 @@ class UFlowModel:
         """Images (B, 3, S, S) in [0, 1] -> per-scale latents, finest first."""
         self.flow.eval()
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
         z, _ = self.flow([f.float().contiguous() for f in self.features(batch)])
