@@ -161,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, default=None, help="largest image, width x height (default 40000000; 413 above)")
     _add_acceleration_args(serve)
     _add_common_model_args(serve)
-    serve.set_defaults(workers=0)  # the service scores in one thread; see uflow.service
 
     ev = sub.add_parser(
         "evaluate",
