@@ -21,12 +21,12 @@ from uflow.onnx_model import OnnxModel
 
 @pytest.fixture(scope="module")
 def resnet_model(brick, tmp_path_factory):
-    """A second backbone: resnet18 with a weights file this test makes (no download here)."""
+    """A second backbone, position-aware: resnet18 with a weights file this test makes (no download here)."""
     folder = tmp_path_factory.mktemp("resnet")
     torch.manual_seed(0)
     weights = folder / "resnet18.pth"
     torch.save(timm.create_model("resnet18").state_dict(), weights)
-    return uflow.fit(brick, folder / "run", backbone="resnet18", weights=str(weights), **SMALL)
+    return uflow.fit(brick, folder / "run", backbone="resnet18", weights=str(weights), position="on", **SMALL)
 
 
 @pytest.fixture(scope="module")

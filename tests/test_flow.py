@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
-from uflow.flow import AffineCouplingStep, FlowConfig, UFlow, negative_log_likelihood, upsampled_channels
+from uflow.flow import AffineCouplingStep, FlowConfig, UFlow, negative_log_likelihood, positional_encoding, upsampled_channels
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -56,8 +56,9 @@ def test_mcait_latents_match_the_paper():
     assert flow.latent_channels == [816, 192]
 
 
-def test_u_flow_round_trip():
-    config = FlowConfig(feature_channels=(6, 5, 9), n_steps=4)
+@pytest.mark.parametrize("positional", [0, 2])
+def test_u_flow_round_trip(positional):
+    config = FlowConfig(feature_channels=(6, 5, 9), n_steps=4, positional=positional)
     flow = UFlow(config).double()
     _randomise(flow)
     feats = _features(config, batch=2, size=8)
@@ -67,8 +68,9 @@ def test_u_flow_round_trip():
         assert torch.allclose(a, b, atol=1e-9)
 
 
-def test_u_flow_log_det_matches_autograd_jacobian():
-    config = FlowConfig(feature_channels=(3, 4), n_steps=2)
+@pytest.mark.parametrize("positional", [0, 1])
+def test_u_flow_log_det_matches_autograd_jacobian(positional):
+    config = FlowConfig(feature_channels=(3, 4), n_steps=2, positional=positional)
     flow = UFlow(config).double()
     _randomise(flow, seed=3)
     feats = _features(config, batch=1, size=4)
@@ -93,3 +95,22 @@ def test_nll_is_per_sample_sum_minus_log_det():
     expected_quadratic = 0.5 * (12 * 1.0 + 4.0)
     assert nll.tolist() == pytest.approx([expected_quadratic - 1.0, expected_quadratic + 1.0])
     assert not math.isclose(nll.mean().item(), nll.sum().item())
+
+
+def test_positional_encoding_tells_every_pixel_apart_and_is_smooth():
+    code = positional_encoding(6, 10, 2, torch.zeros(1, dtype=torch.float64))
+    assert code.shape == (1, 8, 6, 10)
+    pixels = code[0].flatten(1).T
+    assert torch.cdist(pixels, pixels).add(torch.eye(60, dtype=torch.float64)).min() > 0.1, "two pixels share a code"
+    # Neighbours differ by at most the largest frequency times one pixel's step: smooth in position.
+    assert (code[..., 1:] - code[..., :-1]).abs().max() <= 2 * math.pi / 10 + 1e-12
+
+
+def test_a_positional_flow_sees_where_it_is():
+    """The same feature vector at two positions gets two different latents only when the flow is conditioned on position."""
+    for positional, differs in ((0, False), (2, True)):
+        flow = UFlow(FlowConfig(feature_channels=(4,), n_steps=2, kernel_sizes=(1,), positional=positional)).double()
+        _randomise(flow)
+        feats = [torch.ones(1, 4, 5, 5, dtype=torch.float64)]
+        z = flow(feats)[0][0]
+        assert bool((z[..., 0, 0] - z[..., 4, 4]).abs().max() > 1e-6) == differs

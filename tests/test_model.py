@@ -122,15 +122,15 @@ def test_segmentation_in_worker_processes_gives_identical_results_in_order(model
         model.predict(images[0], workers=-1)
 
     # The workers outlive a call (starting them takes seconds), and a stream stopped early leaves them usable.
-    pool = model._pool
+    pool = model._workers.executor
     stopped = model.iter_predict(images, batch_size=1, workers=2)
     next(stopped)
     stopped.close()
     again = model.predict(images, batch_size=2, workers=2)
-    assert model._pool is pool
+    assert model._workers.executor is pool
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(again, inline))
     model.close()
-    assert model._pool is None
+    assert model._workers.executor is None
 
 
 def test_bf16_backbone_stays_close_to_float32(model, brick):

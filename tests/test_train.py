@@ -62,3 +62,34 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
     assert flagged == promise.verification_flagged
     k = round(promise.rate * (promise.calibration_images + 1))
     assert sum(p.is_anomalous for p in model.predict(t["calibration_images"])) <= k - 1
+
+
+def _random_cache(n: int, seed: int) -> FeatureCache:
+    cache = FeatureCache([(4, 8, 8), (6, 4, 4)], n)
+    gen = torch.Generator().manual_seed(seed)
+    for store in cache.scales:
+        store[:] = torch.randn(store.shape, generator=gen)
+    return cache
+
+
+def test_learning_rate_is_cut_on_a_plateau_and_training_stops_on_a_longer_one():
+    from uflow.flow import FlowConfig
+    from uflow.train import LR_CUT, Schedule, train_flow
+
+    # A learning rate so small the held-out NLL never improves by the 1e-4 that counts: epoch 1 stays the best.
+    schedule = Schedule(max_epochs=50, lr=1e-12, weight_decay=0.0, batch_size=4, patience=6)
+    run = train_flow(FlowConfig(feature_channels=(4, 6), n_steps=2), _random_cache(8, 0), _random_cache(4, 1), schedule,
+                     torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    assert (run.best_epoch, run.epochs_run, run.stopped) == (1, 7, "plateau")
+    lrs = [h["lr"] for h in run.history]
+    # plateau = patience // 3 = 2 epochs without improvement: cut after epochs 3 and 5.
+    assert lrs == [1e-12] * 3 + [1e-12 * LR_CUT] * 2 + [1e-12 * LR_CUT**2] * 2
+
+
+def test_auto_position_keeps_the_flow_held_out_images_find_likelier(brick):
+    model = uflow.fit(brick, **{**SMALL, "position": "auto"})
+    candidates = model.training["candidates"]
+    assert sorted(c["positional"] for c in candidates) == [0, uflow.train.POSITIONAL_FREQUENCIES]
+    best = min(candidates, key=lambda c: c["best_val_nll"])
+    assert model.flow.config.positional == model.training["positional"] == best["positional"]
+    assert model.training["best_val_nll"] == best["best_val_nll"]

@@ -21,8 +21,9 @@ from .errors import UFlowError
 
 try:
     from .backbones import BACKBONES, DEFAULT_BACKBONE
+    from .flow import DEFAULT_LR
 except ImportError:  # inference-only install (onnxruntime, no PyTorch): only 'predict MODEL.onnx' can run
-    BACKBONES, DEFAULT_BACKBONE = {}, "tf_efficientnet_lite0"
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR = {}, "tf_efficientnet_lite0", 0.0
 from .segmentation import TEST_COUNTS
 
 
@@ -83,8 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's own)")
     fit.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60)")
     fit.add_argument("--batch-size", type=int, default=16)
-    fit.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    fit.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR:g})")
     fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation NLL")
+    fit.add_argument(
+        "--position",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="position-aware flow: auto (default) trains one with and one without and keeps the one held-out normal images find likelier",
+    )
     fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images that choose the epoch and fit the null (default 0.15)")
     fit.add_argument(
         "--false-alarm-rate", type=float, default=FALSE_ALARM_RATE, help="promise: share of normal images allowed any detection (default 0.05)"
@@ -260,6 +267,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             lr=args.lr,
             patience=args.patience,
+            position=args.position,
             val_fraction=args.val_fraction,
             calibration_fraction=args.calibration_fraction,
             verification_fraction=args.verification_fraction,
@@ -274,8 +282,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     print(
         f"trained {model.backbone} on {t['n_train']} images ({t['n_val']} to stop and fit the null, {t['n_calibration']} to calibrate, "
         f"{t['n_verification']} to verify): best epoch {t['best_epoch']}/{t['epochs_run']}, "
-        f"val NLL {t['best_val_nll']:.4f} nats/dim, {t['seconds']} s; model in {args.out}"
+        f"val NLL {t['best_val_nll']:.4f} nats/dim ({t['stopped']}), {t['seconds']} s; model in {args.out}"
     )
+    if len(t["candidates"]) > 1:
+        nll = ", ".join(f"{'position-aware' if c['positional'] else 'position-blind'} {c['best_val_nll']:.4f}" for c in t["candidates"])
+        print(f"kept the {'position-aware' if t['positional'] else 'position-blind'} flow (held-out NLL: {nll})")
     print(model.calibration.promise.note)
 
 

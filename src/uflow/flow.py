@@ -6,6 +6,13 @@ invertible pixel shuffle (channels / 4, height and width x 2, log det 0) and
 concatenated with the next finer scale's features. The finest stage's whole
 output is its latent.
 
+A flow may also know *where* it is: with ``positional > 0`` every coupling
+subnet sees, beside its half of the channels, a fixed 2-D sinusoidal encoding
+of the pixel's position (as CFlow-AD conditions its flow). Conditioning the
+subnets keeps the step invertible with the same log det, and lets the flow fit
+a different density at a busbar than between busbars on aligned parts, or at
+the feature maps' borders, whose padding differs from the interior.
+
 The coupling step is written here rather than taken from FrEIA: FrEIA's
 all-in-one block builds its permutation as a convolution with a fixed matrix
 and its reverse pass through Python-side state that does not export to ONNX;
@@ -23,6 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The Adam learning rate the flow is trained with, chosen on held-out normal likelihood alone:
+# after 30 epochs on the demo's held-out crops the validation NLL was 0.268 / 0.748 / 0.688
+# (brick / grass / gravel) at 2e-3 and 0.112 / 0.650 / 0.580 at 8e-3, with no divergence;
+# at 2e-3 every run was still improving at its last epoch.
+DEFAULT_LR = 8e-3
+
 
 @dataclass(frozen=True)
 class FlowConfig:
@@ -34,6 +47,7 @@ class FlowConfig:
     clamp: float = 2.0
     subnet_scale: float = 0.1
     permutation_seed: int = 0
+    positional: int = 0  # sinusoid frequencies per axis the subnets are conditioned on (0: position-blind)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +58,20 @@ class FlowConfig:
         for key in ("feature_channels", "kernel_sizes"):
             data[key] = tuple(data[key])
         return cls(**data)
+
+
+def positional_encoding(height: int, width: int, frequencies: int, like: torch.Tensor) -> torch.Tensor:
+    """(1, 4 * frequencies, H, W): sin and cos of k * pi * u for k = 1..frequencies, u in (0, 1) the pixel centre per axis.
+
+    Low frequencies only: the flow should learn smooth changes with position (a busbar, a border),
+    not memorise single pixels of a small training set.
+    """
+    rows = (torch.arange(height, device=like.device, dtype=like.dtype) + 0.5) / height
+    cols = (torch.arange(width, device=like.device, dtype=like.dtype) + 0.5) / width
+    k = torch.arange(1, frequencies + 1, device=like.device, dtype=like.dtype) * math.pi
+    ry = (k[:, None] * rows[None, :])[:, :, None].expand(frequencies, height, width)
+    rx = (k[:, None] * cols[None, :])[:, None, :].expand(frequencies, height, width)
+    return torch.cat([ry.sin(), ry.cos(), rx.sin(), rx.cos()])[None]
 
 
 def upsampled_channels(stage_channels: int) -> int:
@@ -60,7 +88,9 @@ class AffineCouplingStep(nn.Module):
     log det = sum(s) + H * W * sum(log scale).
     """
 
-    def __init__(self, channels: int, kernel_size: int, clamp: float, subnet_scale: float, generator: torch.Generator):
+    def __init__(
+        self, channels: int, kernel_size: int, clamp: float, subnet_scale: float, generator: torch.Generator, condition_channels: int = 0
+    ):
         super().__init__()
         if channels < 2:
             raise ValueError("a coupling step needs at least 2 channels")
@@ -71,7 +101,7 @@ class AffineCouplingStep(nn.Module):
         hidden = self.split[0]
         padding = kernel_size // 2
         self.subnet = nn.Sequential(
-            nn.Conv2d(self.split[0], hidden, kernel_size, padding=padding),
+            nn.Conv2d(self.split[0] + condition_channels, hidden, kernel_size, padding=padding),
             nn.ReLU(),
             nn.Conv2d(hidden, 2 * self.split[1], kernel_size, padding=padding),
         )
@@ -85,24 +115,26 @@ class AffineCouplingStep(nn.Module):
     def _scale(self) -> torch.Tensor:
         return 0.1 * F.softplus(self.global_scale, beta=0.5)
 
-    def _log_scale_and_shift(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_scale_and_shift(self, x1: torch.Tensor, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if condition is not None:
+            x1 = torch.cat([x1, condition.expand(x1.shape[0], -1, -1, -1)], dim=1)
         a = self.subnet(x1) * self.subnet_scale
         a_s, a_t = a[:, : self.split[1]], a[:, self.split[1] :]
         return self.clamp * torch.tanh(a_s), a_t
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = x[:, : self.split[0]], x[:, self.split[0] :]
-        s, t = self._log_scale_and_shift(x1)
+        s, t = self._log_scale_and_shift(x1, condition)
         y = torch.cat([x1, x2 * torch.exp(s) + t], dim=1)
         scale = self._scale()
         y = (y * scale + self.global_offset)[:, self.permutation]
         log_det = s.sum(dim=(1, 2, 3)) + x.shape[2] * x.shape[3] * torch.log(scale).sum()
         return y, log_det
 
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+    def reverse(self, y: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         y = (y[:, self.inverse_permutation] - self.global_offset) / self._scale()
         y1, y2 = y[:, : self.split[0]], y[:, self.split[0] :]
-        s, t = self._log_scale_and_shift(y1)
+        s, t = self._log_scale_and_shift(y1, condition)
         return torch.cat([y1, (y2 - t) * torch.exp(-s)], dim=1)
 
 
@@ -111,21 +143,29 @@ class FlowStage(nn.Module):
 
     def __init__(self, channels: int, config: FlowConfig, generator: torch.Generator):
         super().__init__()
+        self.frequencies = config.positional
         self.steps = nn.ModuleList(
-            AffineCouplingStep(channels, config.kernel_sizes[i % len(config.kernel_sizes)], config.clamp, config.subnet_scale, generator)
+            AffineCouplingStep(
+                channels, config.kernel_sizes[i % len(config.kernel_sizes)], config.clamp, config.subnet_scale, generator, 4 * config.positional
+            )
             for i in range(config.n_steps)
         )
 
+    def _condition(self, x: torch.Tensor) -> torch.Tensor | None:
+        return positional_encoding(x.shape[2], x.shape[3], self.frequencies, x) if self.frequencies else None
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        condition = self._condition(x)
         log_det = x.new_zeros(x.shape[0])
         for step in self.steps:
-            x, step_log_det = step(x)
+            x, step_log_det = step(x, condition)
             log_det = log_det + step_log_det
         return x, log_det
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        condition = self._condition(y)
         for step in reversed(self.steps):
-            y = step.reverse(y)
+            y = step.reverse(y, condition)
         return y
 
 

@@ -8,11 +8,9 @@ segmentation. It is created by :func:`uflow.fit` or :func:`uflow.load`.
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
-import weakref
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -31,6 +29,7 @@ from .flow import FlowConfig, UFlow
 from .images import ErrorHandler, ImageInput, read_inputs
 from .result import Prediction
 from .segmentation import TestCount
+from .workers import SegmentationWorkers
 
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -68,10 +67,7 @@ class UFlowModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"  # of the backbone; the flow always runs in float32
     _backbone: Any = field(default=None, repr=False)  # the extractor, or its torch.compile'd version
-    # Segmentation worker processes, kept between predict calls: starting spawned workers takes
-    # seconds, which would dominate every call on a GPU that scores thousands of images a second.
-    _pool: ProcessPoolExecutor | None = field(default=None, repr=False)
-    _pool_workers: int = field(default=0, repr=False)
+    _workers: SegmentationWorkers = field(default_factory=SegmentationWorkers, repr=False)
 
     @property
     def backbone(self) -> str:
@@ -184,7 +180,7 @@ class UFlowModel:
         workers: int,
         keep_images: bool,
     ) -> Iterator[Prediction]:
-        pool = self._segmentation_pool(workers) if workers and segment_options else None
+        pool = self._workers.get(workers) if workers and segment_options else None
         in_flight: deque[tuple[Future, tuple]] = deque()
         try:
             for batch in iter(lambda: list(itertools.islice(items, batch_size)), []):
@@ -209,19 +205,9 @@ class UFlowModel:
             for job, _ in in_flight:  # the caller stopped early or a batch failed
                 job.cancel()
 
-    def _segmentation_pool(self, workers: int) -> ProcessPoolExecutor:
-        if self._pool is None or self._pool_workers != workers:
-            self.close()
-            self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            self._pool_workers = workers
-            weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
-        return self._pool
-
     def close(self) -> None:
         """Stop the segmentation worker processes, if any (they are also stopped when the model is deleted)."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        self._workers.close()
 
     def _forward(
         self, items: Sequence[tuple[np.ndarray, Path | None]], with_statistics: bool

@@ -20,8 +20,9 @@ import tempfile
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_feature_extractor
 from .errors import UFlowError
-from .flow import FlowConfig, UFlow, negative_log_likelihood
+from .flow import DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import FALSE_ALARM_RATE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
@@ -39,6 +40,13 @@ from .segmentation import correlation_area
 log = logging.getLogger(__name__)
 
 MIN_IMAGES = 4  # one per role: training, validation, calibration, verification
+
+Position = Literal["auto", "on", "off"]
+# Sinusoid frequencies per axis of a position-aware flow: up to 4 periods across the image
+# resolves a busbar or a corner of a solar cell (about a tenth of its width) but not single pixels.
+POSITIONAL_FREQUENCIES = 4
+# Which flows a fit trains; with "auto" both, and the one with the lower held-out NLL is kept.
+POSITIONS: dict[str, tuple[int, ...]] = {"auto": (0, POSITIONAL_FREQUENCIES), "on": (POSITIONAL_FREQUENCIES,), "off": (0,)}
 
 
 def held_out_images(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path] | None:
@@ -130,7 +138,7 @@ def fit(
     image_size: int | None = None,
     epochs: int = 60,
     batch_size: int = 16,
-    lr: float = 2e-3,
+    lr: float = DEFAULT_LR,
     weight_decay: float = 1e-5,
     val_fraction: float = 0.15,
     calibration_fraction: float = 0.2,
@@ -138,6 +146,7 @@ def fit(
     false_alarm_rate: float = FALSE_ALARM_RATE,
     patience: int = 10,
     n_steps: int = 4,
+    position: Position = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
     weights: WeightsArg = None,
@@ -151,6 +160,10 @@ def fit(
     folder of normal images, or a list of image paths. The best epoch by
     validation NLL on held-out normal images is kept. A non-finite loss stops
     training; the best model so far is saved and :class:`UFlowError` raised.
+
+    ``position`` "auto" trains a position-blind and a position-aware flow (see
+    :mod:`uflow.flow`) and keeps the one with the lower held-out NLL; "on" and
+    "off" train only one. The run records every candidate's NLL.
 
     ``false_alarm_rate`` is the promise: the share of normal images allowed
     any detection at the default threshold. ``calibration_fraction`` of the
@@ -168,6 +181,8 @@ def fit(
         if not low < value < 1:
             raise UFlowError(f"{name} fraction must be between 0 and 1, got {value}")
     check_rate(false_alarm_rate)
+    if position not in POSITIONS:
+        raise UFlowError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     if epochs < 1 or batch_size < 1:
         raise UFlowError("epochs and batch size must be at least 1")
     dev = resolve_device(device)
@@ -201,74 +216,22 @@ def fit(
     size = extractor.image_size
     train_feats = extract_features(extractor, train_paths, size, dev, batch_size, progress)
     val_feats = extract_features(extractor, val_paths, size, dev, batch_size, progress)
-    flow_config = FlowConfig(feature_channels=tuple(f.shape[1] for f in train_feats.scales), n_steps=n_steps, permutation_seed=seed)
-    flow = UFlow(flow_config).to(dev)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
-    dims = sum(f[0].numel() for f in train_feats.scales)
-    # Report NLL per dimension with the Gaussian constant, so N(0, 1) data scores log(2 pi) / 2 = 0.919.
-    constant = 0.5 * math.log(2 * math.pi)
-
-    def validation_nll() -> float:
-        flow.eval()
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, len(val_paths), batch_size):
-                batch = val_feats.batch(slice(start, start + batch_size), dev)
-                z, log_det = flow(batch)
-                total += negative_log_likelihood(z, log_det).sum().item()
-        return total / (len(val_paths) * dims) + constant
-
-    best_state: dict[str, torch.Tensor] | None = None
-    best_nll, best_epoch, epochs_run = math.inf, 0, 0
-    stopped = "max_epochs"
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(1, epochs + 1), desc="fit", unit="epoch", disable=not progress)
-    diverged: str | None = None
-    try:
-        for epoch in bar:
-            flow.train()
-            perm = torch.randperm(len(train_paths), generator=generator)
-            running, seen = 0.0, 0
-            for start in range(0, len(perm), batch_size):
-                idx = perm[start : start + batch_size]
-                batch = train_feats.batch(idx, dev)
-                z, log_det = flow(batch)
-                loss = negative_log_likelihood(z, log_det).mean()
-                if not torch.isfinite(loss):
-                    diverged = f"training loss became {loss.item()} at epoch {epoch}"
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                running += loss.item() * len(idx)
-                seen += len(idx)
-            if diverged:
-                break
-            val_nll = validation_nll()
-            if not math.isfinite(val_nll):
-                diverged = f"validation NLL became {val_nll} at epoch {epoch}"
-                break
-            epochs_run = epoch
-            train_nll = running / (seen * dims) + constant
-            history.append({"epoch": epoch, "train_nll": round(train_nll, 5), "val_nll": round(val_nll, 5)})
-            if val_nll < best_nll - 1e-4:
-                best_nll, best_epoch = val_nll, epoch
-                best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
-            bar.set_postfix(loss=f"{train_nll:.4f}", val_nll=f"{val_nll:.4f}", best=best_epoch)
-            if not progress:  # the bar shows the same; without it (a log file), one line per epoch
-                log.info("epoch %d/%d: train NLL %.4f, held-out NLL %.4f, best epoch %d", epoch, epochs, train_nll, val_nll, best_epoch)
-            if epoch - best_epoch >= patience:
-                stopped = "early_stopping"
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    finally:
-        bar.close()
-    if diverged:
-        stopped = "diverged"
-    if best_state is None:
-        raise UFlowError(f"{diverged or 'training stopped'} before any epoch finished; nothing saved (try a lower --lr)")
-    flow.load_state_dict(best_state)
+    channels = tuple(f.shape[1] for f in train_feats.scales)
+    schedule = Schedule(epochs, lr, weight_decay, batch_size, patience)
+    candidates = [FlowConfig(feature_channels=channels, n_steps=n_steps, permutation_seed=seed, positional=p) for p in POSITIONS[position]]
+    runs = []
+    for config in candidates:
+        torch.manual_seed(seed)
+        run = train_flow(config, train_feats, val_feats, schedule, dev, torch.Generator().manual_seed(seed), progress)
+        runs.append(run)
+        if run.stopped == "interrupted":
+            break
+    # Likelihoods of the same features under two flows are comparable: keep the one that explains held-out normal images best.
+    chosen = min((r for r in runs if r.flow is not None), key=lambda r: r.best_nll, default=runs[-1])
+    if chosen.flow is None:
+        raise UFlowError(f"{chosen.diverged or 'training stopped'} before any epoch finished; nothing saved (try a lower --lr)")
+    flow, stopped, diverged = chosen.flow, chosen.stopped, chosen.diverged
+    best_nll, best_epoch, epochs_run, history = chosen.best_nll, chosen.best_epoch, chosen.epochs_run, chosen.history
     flow.eval()
     cache_kind = train_feats.kind
 
@@ -292,6 +255,9 @@ def fit(
         "calibration_images": [str(p.resolve()) for p in cal_paths],
         "verification_images": [str(p.resolve()) for p in ver_paths],
         "epochs_run": epochs_run,
+        "positional": flow.config.positional,
+        # Every candidate flow with its held-out NLL: the record of how the kept one was chosen.
+        "candidates": [{"positional": r.config.positional, "best_val_nll": round(r.best_nll, 6), "best_epoch": r.best_epoch, "epochs_run": r.epochs_run} for r in runs],
         "best_epoch": best_epoch,
         "best_val_nll": round(best_nll, 6),
         "stopped": stopped,
@@ -313,6 +279,127 @@ def fit(
     if stopped == "interrupted":
         raise KeyboardInterrupt
     return model
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a flow is trained: Adam, the learning rate cut on a plateau of held-out NLL, stopped on a longer one."""
+
+    max_epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int  # epochs without a better held-out NLL before training stops
+
+    @property
+    def plateau(self) -> int:
+        """Epochs without improvement before the learning rate is cut (a third of the patience)."""
+        return max(2, self.patience // 3)
+
+
+LR_CUT = 0.3  # factor the learning rate is multiplied by on each plateau
+
+
+@dataclass
+class TrainedFlow:
+    """One candidate flow and how its training went."""
+
+    config: FlowConfig
+    flow: UFlow | None  # at its best epoch; None if no epoch finished
+    best_nll: float
+    best_epoch: int
+    epochs_run: int
+    stopped: str
+    diverged: str | None
+    history: list[dict[str, float]]
+
+
+def train_flow(
+    config: FlowConfig,
+    train_feats: FeatureCache,
+    val_feats: FeatureCache,
+    schedule: Schedule,
+    dev: torch.device,
+    generator: torch.Generator,
+    progress: bool,
+) -> TrainedFlow:
+    """Fit one flow by maximum likelihood and keep its epoch with the lowest held-out NLL.
+
+    The learning rate is cut by ``LR_CUT`` when the held-out NLL has not improved for
+    ``schedule.plateau`` epochs; training stops after ``schedule.patience`` epochs without
+    improvement, at ``schedule.max_epochs``, on a non-finite loss, or on Ctrl-C.
+    """
+    flow = UFlow(config).to(dev)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    dims = sum(f[0].numel() for f in train_feats.scales)
+    # Report NLL per dimension with the Gaussian constant, so N(0, 1) data scores log(2 pi) / 2 = 0.919.
+    constant = 0.5 * math.log(2 * math.pi)
+    batch_size = schedule.batch_size
+
+    def validation_nll() -> float:
+        flow.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(val_feats), batch_size):
+                z, log_det = flow(val_feats.batch(slice(start, start + batch_size), dev))
+                total += negative_log_likelihood(z, log_det).sum().item()
+        return total / (len(val_feats) * dims) + constant
+
+    best_state: dict[str, torch.Tensor] | None = None
+    best_nll, best_epoch, epochs_run, last_cut = math.inf, 0, 0, 0
+    stopped, diverged = "max_epochs", None
+    history: list[dict[str, float]] = []
+    label = f"fit{' positional' if config.positional else ''}"
+    bar = tqdm(range(1, schedule.max_epochs + 1), desc=label, unit="epoch", disable=not progress)
+    try:
+        for epoch in bar:
+            flow.train()
+            perm = torch.randperm(len(train_feats), generator=generator)
+            running, seen = 0.0, 0
+            for start in range(0, len(perm), batch_size):
+                idx = perm[start : start + batch_size]
+                z, log_det = flow(train_feats.batch(idx, dev))
+                loss = negative_log_likelihood(z, log_det).mean()
+                if not torch.isfinite(loss):
+                    diverged = f"training loss became {loss.item()} at epoch {epoch}"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += loss.item() * len(idx)
+                seen += len(idx)
+            if diverged:
+                break
+            val_nll = validation_nll()
+            if not math.isfinite(val_nll):
+                diverged = f"validation NLL became {val_nll} at epoch {epoch}"
+                break
+            epochs_run = epoch
+            train_nll = running / (seen * dims) + constant
+            lr = optimizer.param_groups[0]["lr"]
+            history.append({"epoch": epoch, "train_nll": round(train_nll, 5), "val_nll": round(val_nll, 5), "lr": lr})
+            if val_nll < best_nll - 1e-4:
+                best_nll, best_epoch = val_nll, epoch
+                best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            bar.set_postfix(loss=f"{train_nll:.4f}", val_nll=f"{val_nll:.4f}", best=best_epoch)
+            if not progress:  # the bar shows the same; without it (a log file), one line per epoch
+                log.info("%s epoch %d: train NLL %.4f, held-out NLL %.4f, lr %.2g, best epoch %d", label, epoch, train_nll, val_nll, lr, best_epoch)
+            if epoch - best_epoch >= schedule.patience:
+                stopped = "plateau"
+                break
+            if epoch - max(best_epoch, last_cut) >= schedule.plateau:
+                for group in optimizer.param_groups:
+                    group["lr"] *= LR_CUT
+                last_cut = epoch
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+    if diverged:
+        stopped = "diverged"
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+    return TrainedFlow(config, flow if best_state is not None else None, best_nll, best_epoch, epochs_run, stopped, diverged, history)
 
 
 @torch.no_grad()
