@@ -21,9 +21,9 @@ from .errors import UFlowError
 
 try:
     from .backbones import BACKBONES, DEFAULT_BACKBONE
-    from .flow import DEFAULT_LR
+    from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR
 except ImportError:  # inference-only install (onnxruntime, no PyTorch): only 'predict MODEL.onnx' can run
-    BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR = {}, "tf_efficientnet_lite0", 0.0
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR, DEFAULT_BATCH_SIZE = {}, "tf_efficientnet_lite0", 0.0, 0
 from .segmentation import TEST_COUNTS
 
 
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES), help=f"feature extractor (default {DEFAULT_BACKBONE})")
     fit.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: the backbone's own)")
     fit.add_argument("--epochs", type=int, default=60, help="maximum epochs (default 60)")
-    fit.add_argument("--batch-size", type=int, default=16)
+    fit.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"training batch size (default {DEFAULT_BATCH_SIZE})")
     fit.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"Adam learning rate (default {DEFAULT_LR:g})")
     fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation NLL")
     fit.add_argument(

