@@ -23,9 +23,20 @@ def likelihood_map(latents: list[torch.Tensor], size: tuple[int, int]) -> torch.
     return (1.0 - total / len(latents)).squeeze(1)
 
 
+# The image score is the mean of the map's top 1 % of pixels rather than the paper's maximum: one
+# pixel is noisy, a percent of the image is not. Chosen on the mean over four sets, not per set
+# (benchmarks/image_scores.py on this version's runs; image AUROC, max / top 1 % / smallest log10
+# NFA): ELPV mono 90.90 / 92.84 / 92.73; the demo's brick 100.00 / 99.84 / 99.84, grass 76.88 /
+# 80.62 / 80.16, gravel 94.53 / 93.75 / 87.97; means 90.58 / 91.76 / 90.18.
+TOP_SHARE = 100  # the score averages the top 1 / TOP_SHARE of the pixels
+
+
 def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
-    """Image score (B,): the maximum of the anomaly map, as in the reference method."""
-    return anomaly_map.flatten(1).amax(dim=1)
+    """Image score (B,): the mean of the anomaly map's highest 1 % of pixels (at least one)."""
+    flat = anomaly_map.flatten(1)
+    # Integer ceiling, so the count stays a symbolic size when exported with dynamic height and width.
+    top = (flat.shape[1] + TOP_SHARE - 1) // TOP_SHARE
+    return flat.topk(top, dim=1).values.mean(dim=1)
 
 
 def chi2_statistics(latents: list[torch.Tensor]) -> list[torch.Tensor]:

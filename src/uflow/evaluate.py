@@ -82,7 +82,7 @@ def mvtec_test_set(category: str | os.PathLike) -> tuple[list[TestImage], bool]:
     return items, has_masks
 
 
-def _model_resolution(path: Path, size: int, square: bool) -> np.ndarray:
+def model_resolution(path: Path, size: int, square: bool) -> np.ndarray:
     image, _ = as_float_image(path, square=square)
     return to_model_input(image, size).numpy().transpose(1, 2, 0)
 
@@ -141,11 +141,12 @@ def evaluate(
 
     val_paths, fair_source = _validation_images(model, category)
     # Test and validation images go through the model as one stream, so its batches stay full.
-    resized = (_model_resolution(p, size, square) for p in [*(it.path for it in items), *val_paths])
-    maps, nfas, truths, panels_in, val_nfa = [], [], [], [], []
+    resized = (model_resolution(p, size, square) for p in [*(it.path for it in items), *val_paths])
+    scores, maps, nfas, truths, panels_in, val_nfa = [], [], [], [], [], []
     bar = tqdm(total=len(items) + len(val_paths), desc="evaluate", unit="img", disable=not progress, leave=False)
     for k, pred in enumerate(model.iter_predict(resized, keep_images=True, **options)):
         if k < len(items):
+            scores.append(pred.score)
             maps.append(pred.anomaly_map)
             nfas.append(pred.log10_nfa)
             truths.append(_truth_mask(items[k], size))
@@ -155,7 +156,7 @@ def evaluate(
         bar.update(1)
     bar.close()
 
-    scores = np.array([float(m.max()) for m in maps])
+    scores = np.array(scores)
     anomalous = np.array([it.anomalous for it in items])
     log_eps = model.calibration.log10_threshold(epsilon, test_count, null)
     detected = [v < log_eps for v in nfas]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import chi2_statistics, likelihood_map
+from .anomaly_map import chi2_statistics, image_score, likelihood_map
 from .backbones import FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -216,9 +216,10 @@ class UFlowModel:
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])
         latents = self.latents(batch)
         sizes = [img.shape[:2] for img, _ in items]
-        maps = [likelihood_map([z[i : i + 1] for z in latents], size)[0].cpu().numpy() for i, size in enumerate(sizes)]
+        maps = [likelihood_map([z[i : i + 1] for z in latents], size) for i, size in enumerate(sizes)]
+        scores = [float(image_score(m)) for m in maps]
         stats = [s.cpu().numpy() for s in chi2_statistics(latents)] if with_statistics else []
-        return [float(m.max()) for m in maps], maps, stats, sizes
+        return scores, [m[0].cpu().numpy() for m in maps], stats, sizes
 
     # ------------------------------------------------------------------ persistence
 
