@@ -1,4 +1,4 @@
-"""Training's feature cache: RAM in full or half precision, or disk, by size."""
+"""Training: the feature cache (RAM in full or half precision, or disk), the plateau schedule, the choice of flow by held-out NLL."""
 
 import gc
 import os
