@@ -57,7 +57,6 @@ from such a machine are only rough.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -66,7 +65,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -75,7 +74,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from speed import ensure_anomalib  # noqa: E402  (speed.py imports only the standard library at top level)
+from speed import ensure_anomalib, offline_timm  # noqa: E402  (speed.py imports only the standard library at top level)
 
 BACKBONE = "tf_efficientnet_lite0"
 SIZE = 256
@@ -137,28 +136,10 @@ def _load_weights(module: nn.Module, weights_file: str) -> None:
     module.load_state_dict({k: by_order[k] for k in wanted})
 
 
-@contextlib.contextmanager
-def _offline_timm() -> Iterator[None]:
-    """timm.create_model never fetches weights inside: anomalib asks it for pretrained ones."""
-    import timm
-
-    original = timm.create_model
-
-    def offline(*args, **kwargs):
-        kwargs["pretrained"] = False
-        return original(*args, **kwargs)
-
-    timm.create_model = offline
-    try:
-        yield
-    finally:
-        timm.create_model = original
-
-
 def _fit_patchcore(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module, dict]:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    with _offline_timm():
+    with offline_timm():
         model = PatchcoreModel(layers=MEMORY_BANK_LAYERS, backbone=BACKBONE, pre_trained=False, num_neighbors=9)
     _load_weights(model.feature_extractor.feature_extractor, a["weights"])
     model.to(device).train()  # in training mode its forward stores the patch embeddings
@@ -175,7 +156,7 @@ def _fit_patchcore(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module
 def _fit_padim(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module, dict]:
     from anomalib.models.image.padim.torch_model import PadimModel
 
-    with _offline_timm():
+    with offline_timm():
         model = PadimModel(backbone=BACKBONE, layers=MEMORY_BANK_LAYERS, pre_trained=False, n_features=PADIM_FEATURES)
     _load_weights(model.feature_extractor.feature_extractor, a["weights"])
     model.to(device).train()
@@ -197,7 +178,7 @@ def _fit_fastflow(a: dict, train: torch.Tensor, device: str) -> tuple[nn.Module,
     # constructor makes them for a CNN (timm features_only, trainable LayerNorm per scale, one
     # flow block per scale); forward, anomaly map and loss are anomalib's unchanged.
     flow_steps, conv3x3_only, hidden_ratio = 8, False, 1.0  # anomalib's Fastflow defaults
-    with _offline_timm():
+    with offline_timm():
         model = FastflowModel(input_size=(SIZE, SIZE), backbone="resnet18", pre_trained=False, flow_steps=flow_steps,
                               conv3x3_only=conv3x3_only, hidden_ratio=hidden_ratio)
     extractor = timm.create_model(BACKBONE, pretrained=False, features_only=True, out_indices=FASTFLOW_OUT_INDICES)

@@ -32,6 +32,7 @@ batches already on the device: the practical ceiling for predict throughput.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 HERE = Path(__file__).resolve()
 ANOMALIB = "anomalib==2.7.0"
@@ -171,11 +173,10 @@ def job_onnx_predict(a: dict) -> dict:
     return {**_time_predict(run_all, run_one, images, a["runs"], "cpu", a["latency_images"], a["batch_size"]), **_peak_memory("cpu")}
 
 
-def _anomalib_model(a: dict):
-    """anomalib's UflowModel with our weights file in its timm backbone (its loader would download)."""
+@contextlib.contextmanager
+def offline_timm() -> Iterator[None]:
+    """timm.create_model never fetches weights inside: anomalib asks it for pretrained ones, which offline machines cannot get."""
     import timm
-    import torch
-    from anomalib.models.image.uflow.torch_model import UflowModel
 
     original = timm.create_model
 
@@ -185,9 +186,18 @@ def _anomalib_model(a: dict):
 
     timm.create_model = offline
     try:
-        model = UflowModel(input_size=(a["size"], a["size"]), flow_steps=4, backbone=a["backbone"])
+        yield
     finally:
         timm.create_model = original
+
+
+def _anomalib_model(a: dict):
+    """anomalib's UflowModel with our weights file in its timm backbone (its loader would download)."""
+    import torch
+    from anomalib.models.image.uflow.torch_model import UflowModel
+
+    with offline_timm():
+        model = UflowModel(input_size=(a["size"], a["size"]), flow_steps=4, backbone=a["backbone"])
     files = a["weights"].split(",")
     if a["backbone"] == "mcait":  # two whole timm CaiTs
         for extractor, file in zip((model.feature_extractor.extractor1, model.feature_extractor.extractor2), files):

@@ -22,8 +22,9 @@ from .errors import UFlowError
 try:
     from .backbones import BACKBONES, DEFAULT_BACKBONE
     from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR
+    from .train import POSITIONS
 except ImportError:  # inference-only install (onnxruntime, no PyTorch): only 'predict MODEL.onnx' can run
-    BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR, DEFAULT_BATCH_SIZE = {}, "tf_efficientnet_lite0", 0.0, 0
+    BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR, DEFAULT_BATCH_SIZE, POSITIONS = {}, "tf_efficientnet_lite0", 0.0, 0, {"auto": ()}
 from .segmentation import TEST_COUNTS
 
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better validation NLL")
     fit.add_argument(
         "--position",
-        choices=["auto", "on", "off"],
+        choices=list(POSITIONS),
         default="auto",
         help="position-aware flow: auto (default) trains one with and one without and keeps the one held-out normal images find likelier",
     )
