@@ -49,6 +49,10 @@ def main() -> None:
         if not args.images:
             make_images(images, args.predict, 1)
         n = sum(1 for p in images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+        # Untimed warm-up: the first load and the first predict in a process pay one-off costs (imports,
+        # allocator, kernels) that the load timed beside each run would not see, overstating run 1's rate.
+        uflow.load(run_dir)
+        assert uflow_main(["predict", str(run_dir), str(images), "--out", str(tmp / "warm-up"), "--outputs", "none", "--quiet"]) == 0
         loads = []
         rates: dict[str, list[float]] = {c: [] for c in CHOICES}
         whole: dict[str, list[float]] = {c: [] for c in CHOICES}

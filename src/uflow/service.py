@@ -49,7 +49,6 @@ from . import __version__
 from .calibration import Calibration
 from .errors import UFlowError
 from .images import read_image
-from .outputs import PNG_COMPRESSION
 from .result import Prediction
 from . import visualize
 
@@ -218,9 +217,7 @@ class _Metrics:
 
 
 def _png_base64(picture: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(picture).save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(visualize.png_bytes(picture)).decode("ascii")
 
 
 def _decode(data: bytes, name: str, max_pixels: int) -> np.ndarray:
