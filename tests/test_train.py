@@ -86,10 +86,38 @@ def test_learning_rate_is_cut_on_a_plateau_and_training_stops_on_a_longer_one():
     assert lrs == [1e-12] * 3 + [1e-12 * LR_CUT] * 2 + [1e-12 * LR_CUT**2] * 2
 
 
-def test_auto_position_keeps_the_flow_held_out_images_find_likelier(brick):
-    model = uflow.fit(brick, **{**SMALL, "position": "auto"})
+def test_a_flow_trained_in_steps_ends_as_one_trained_in_one_go():
+    from uflow.flow import FlowConfig
+    from uflow.train import FlowTrainer, Schedule
+
+    schedule = Schedule(max_epochs=7, lr=1e-3, weight_decay=0.0, batch_size=4, patience=10)
+
+    def trainer() -> FlowTrainer:
+        torch.manual_seed(0)
+        return FlowTrainer(FlowConfig(feature_channels=(4, 6), n_steps=2), _random_cache(8, 0), _random_cache(4, 1), schedule,
+                           torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+
+    whole, steps = trainer(), trainer()
+    whole.advance()
+    steps.advance(3)
+    assert (steps.epochs_run, steps.stopped) == (3, None)
+    steps.advance(2)
+    steps.advance()
+    assert (whole.epochs_run, whole.stopped, steps.stopped) == (7, "max_epochs", "max_epochs")
+    assert steps.history == whole.history
+    for a, b in zip(whole.result().flow.state_dict().values(), steps.result().flow.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_auto_position_races_the_flows_and_only_the_likelier_trains_on(brick):
+    epochs = 8
+    model = uflow.fit(brick, **{**SMALL, "epochs": epochs, "position": "auto"})
     candidates = model.training["candidates"]
     assert sorted(c["positional"] for c in candidates) == [0, uflow.train.POSITIONAL_FREQUENCIES]
-    best = min(candidates, key=lambda c: c["best_val_nll"])
-    assert model.flow.config.positional == model.training["positional"] == best["positional"]
-    assert model.training["best_val_nll"] == best["best_val_nll"]
+    race = uflow.train.race_epochs(epochs)  # 3 of 8
+    leader = min(candidates, key=lambda c: c["best_val_nll"])
+    (other,) = [c for c in candidates if c is not leader]
+    assert model.flow.config.positional == model.training["positional"] == leader["positional"]
+    assert model.training["best_val_nll"] == leader["best_val_nll"]
+    assert leader["epochs_run"] == epochs and leader["stopped"] == "max_epochs"
+    assert other["epochs_run"] == race and other["stopped"].startswith("raced")

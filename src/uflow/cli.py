@@ -286,7 +286,11 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         f"val NLL {t['best_val_nll']:.4f} nats/dim ({t['stopped']}), {t['seconds']} s; model in {args.out}"
     )
     if len(t["candidates"]) > 1:
-        nll = ", ".join(f"{'position-aware' if c['positional'] else 'position-blind'} {c['best_val_nll']:.4f}" for c in t["candidates"])
+        nll = ", ".join(
+            f"{'position-aware' if c['positional'] else 'position-blind'} {c['best_val_nll']:.4f}"
+            + (f" after the {c['epochs_run']} epochs of the race" if str(c.get("stopped", "")).startswith("raced") else "")
+            for c in t["candidates"]
+        )
         print(f"kept the {'position-aware' if t['positional'] else 'position-blind'} flow (held-out NLL: {nll})")
     print(model.calibration.promise.note)
 
