@@ -74,12 +74,14 @@ def _random_cache(n: int, seed: int) -> FeatureCache:
 
 def test_learning_rate_is_cut_on_a_plateau_and_training_stops_on_a_longer_one():
     from uflow.flow import FlowConfig
-    from uflow.train import LR_CUT, Schedule, train_flow
+    from uflow.train import LR_CUT, FlowTrainer, Schedule
 
     # A learning rate so small the held-out NLL never improves by the 1e-4 that counts: epoch 1 stays the best.
     schedule = Schedule(max_epochs=50, lr=1e-12, weight_decay=0.0, batch_size=4, patience=6)
-    run = train_flow(FlowConfig(feature_channels=(4, 6), n_steps=2), _random_cache(8, 0), _random_cache(4, 1), schedule,
-                     torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    trainer = FlowTrainer(FlowConfig(feature_channels=(4, 6), n_steps=2), _random_cache(8, 0), _random_cache(4, 1), schedule,
+                          torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    trainer.advance()
+    run = trainer.result()
     assert (run.best_epoch, run.epochs_run, run.stopped) == (1, 7, "plateau")
     lrs = [h["lr"] for h in run.history]
     # plateau = patience // 3 = 2 epochs without improvement: cut after epochs 3 and 5.

@@ -446,21 +446,6 @@ class FlowTrainer:
         return TrainedFlow(self.config, flow, self.best_nll, self.best_epoch, self.epochs_run, stopped, self.diverged, self.history)
 
 
-def train_flow(
-    config: FlowConfig,
-    train_feats: FeatureCache,
-    val_feats: FeatureCache,
-    schedule: Schedule,
-    dev: torch.device,
-    generator: torch.Generator,
-    progress: bool,
-) -> TrainedFlow:
-    """Fit one flow to the end of its schedule (see :class:`FlowTrainer`)."""
-    trainer = FlowTrainer(config, train_feats, val_feats, schedule, dev, generator, progress)
-    trainer.advance()
-    return trainer.result()
-
-
 @torch.no_grad()
 def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int) -> Calibration:
     """Image-score threshold and display range from held-out normal images."""
