@@ -288,7 +288,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     if len(t["candidates"]) > 1:
         nll = ", ".join(
             f"{'position-aware' if c['positional'] else 'position-blind'} {c['best_val_nll']:.4f}"
-            + (f" after the {c['epochs_run']} epochs of the race" if str(c.get("stopped", "")).startswith("raced") else "")
+            + (f" after the {c['epochs_run']} epochs of the race" if c.get("stopped") == "raced" else "")
             for c in t["candidates"]
         )
         print(f"kept the {'position-aware' if t['positional'] else 'position-blind'} flow (held-out NLL: {nll})")

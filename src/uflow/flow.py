@@ -129,7 +129,7 @@ class AffineCouplingStep(nn.Module):
         s, t = self._log_scale_and_shift(x1, condition)
         y = torch.cat([x1, x2 * torch.exp(s) + t], dim=1)
         scale = self._scale()
-        y = torch.index_select(y * scale + self.global_offset, 1, self.permutation)  # 3x faster than y[:, perm] on CPU
+        y = torch.index_select(y * scale + self.global_offset, 1, self.permutation)  # a plain gather: faster on CPU than y[:, perm]
         log_det = s.sum(dim=(1, 2, 3)) + x.shape[2] * x.shape[3] * torch.log(scale).sum()
         return y, log_det
 

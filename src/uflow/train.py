@@ -442,7 +442,7 @@ class FlowTrainer:
         if self.best_state is not None:
             self.flow.load_state_dict(self.best_state)
             flow = self.flow
-        stopped = self.stopped or f"raced: stopped after epoch {self.epochs_run}"
+        stopped = self.stopped or "raced"  # paused by the race and not resumed: it lost
         return TrainedFlow(self.config, flow, self.best_nll, self.best_epoch, self.epochs_run, stopped, self.diverged, self.history)
 
 
