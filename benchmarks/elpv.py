@@ -11,7 +11,7 @@ the other 20% and every defective monocrystalline cell are the test set.
 The cells are written as an MVTec-style category under OUT/data (no masks:
 labels are per image), fitted with the default settings, and evaluated:
 image AUROC, and how many defective vs normal test cells the automatic
-threshold (log10 NFA < 0) flags.
+threshold (the run's verified one) flags.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from uflow.calibration import Calibration, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise
+from uflow.calibration import Calibration, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise, threshold_rank
 
 THEORETICAL = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0)  # no fitted null: chi2(C)
 N_CALIBRATION = 39  # floor(0.05 * 40) = 2: the second smallest value certifies exactly 2 / 40 = 5 %
@@ -22,8 +22,8 @@ def _mean_rate(calibration_pool, test_pool, rng, splits=300):
     rates = []
     for _ in range(splits):
         chosen = rng.choice(calibration_pool.size, N_CALIBRATION, replace=False)
-        threshold, certified = conformal_threshold(calibration_pool[chosen], 0.05)
-        assert certified == pytest.approx(0.05)
+        threshold, rank = conformal_threshold(calibration_pool[chosen], 0.05, confidence=None)
+        assert rank.mean_rate == pytest.approx(0.05)
         rest = np.delete(test_pool, chosen) if test_pool is calibration_pool else test_pool
         rates.append(np.mean(rest < threshold))
     return float(np.mean(rates))
@@ -31,8 +31,40 @@ def _mean_rate(calibration_pool, test_pool, rng, splits=300):
 
 def test_conformal_threshold_takes_the_k_th_smallest_value():
     values = [5.0, 1.0, 4.0, 2.0, 3.0]
-    assert conformal_threshold(values, 0.5) == (3.0, 0.5)  # k = floor(0.5 * 6) = 3
-    assert conformal_threshold(values, 0.05) == (1.0, 1 / 6)  # too few for 5 %: the smallest, certifying 1/6
+    assert conformal_threshold(values, 0.5, None)[0] == 3.0  # k = floor(0.5 * 6) = 3
+    threshold, rank = conformal_threshold(values, 0.05, None)  # too few for 5 %: the smallest, 1/6 on average
+    assert threshold == 1.0 and rank.mean_rate == pytest.approx(1 / 6) and rank.confidence is None
+
+
+def test_pac_rank_is_the_largest_whose_rate_stays_below_the_promise_with_the_confidence():
+    # The rate of the k-th smallest of n is Beta(k, n + 1 - k); it exceeds 5 % with probability P(Binom(n, 0.05) <= k - 1).
+    # n = 80: k = 2 exceeds with 0.086, k = 3 with 0.23, so k = 2 at 90 % (reached: 91.4 %).
+    rank = threshold_rank(80, 0.05, 0.9)
+    assert (rank.k, rank.mean_rate) == (2, pytest.approx(2 / 81)) and rank.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05))
+    assert binom.cdf(2, 80, 0.05) > 0.1  # the next rank would break the confidence
+    # 45 is the fewest for k = 1 at 90 % (0.95^45 = 0.0994); with 44 the confidence reached is 1 - 0.95^44 = 0.895.
+    assert threshold_rank(45, 0.05, 0.9).k == 1 and images_to_verify(0.05, 0.9) == 45
+    short = threshold_rank(44, 0.05, 0.9)
+    assert short.k == 1 and short.confidence == pytest.approx(1 - 0.95**44) and short.confidence < 0.9
+    assert threshold_rank(120, 0.05, 0.9).k == 3 and threshold_rank(120, 0.05, 0.95).k == 2
+
+
+@pytest.mark.parametrize("side,channels", [(16, 4), (32, 32)])
+def test_pac_threshold_keeps_the_promise_in_nine_runs_of_ten_on_pure_noise(side, channels):
+    rng = np.random.default_rng(7 * side + channels)
+    pool = _smallest(rng, 1000, channels, side)
+    exceeded, rates = [], []
+    for _ in range(400):
+        threshold, rank = conformal_threshold(pool[rng.choice(pool.size, 80, replace=False)], 0.05, confidence=0.9)
+        assert rank.k == 2
+        rate = float(np.mean(pool < threshold))  # this run's false-alarm rate on the law the pool samples
+        rates.append(rate)
+        exceeded.append(rate > 0.05)
+    # Expected: 8.6 % of runs above 5 % and a mean rate of 2/81 = 0.025. Measured 0.085 / 0.023 at 16 px and 4 channels,
+    # 0.063 / 0.023 at 32 px and 32 channels. The third smallest (exceeding in 23 % of runs) fails the first bound,
+    # a mean rate twice the expected one (0.049) the second.
+    assert np.mean(exceeded) <= 0.13
+    assert 0.015 <= np.mean(rates) <= 0.035
 
 
 def test_binomial_bound_and_the_images_needed_to_verify():
@@ -71,19 +103,25 @@ def test_promise_holds_on_mis_scaled_latents_when_calibrated_on_them(scale):
 def test_larger_latents_are_flagged_in_spots_not_as_whole_images():
     rng = np.random.default_rng(9)
     channels, side = 16, 24
-    threshold, _ = conformal_threshold(_smallest(rng, 60, channels, side), 0.05)
+    threshold, _ = conformal_threshold(_smallest(rng, 60, channels, side), 0.05, None)
     stats = ((rng.standard_normal((20, channels, side, side)) * 1.1) ** 2).sum(axis=1)
     segs = THEORETICAL.segment([stats], [channels], [(96, 96)] * 20, 10**threshold, "per_size", "theoretical")
     assert max(s.mask.mean() for s in segs) < 0.5
 
 
 def test_promise_records_what_it_measured_and_says_when_images_are_too_few():
-    enough = make_promise(np.arange(39.0), np.r_[0.5, np.full(59, 10.0)], 0.05, "per_size", "calibrated")
-    assert enough.log10_nfa_threshold == 1.0 and enough.rate == pytest.approx(0.05)
+    enough = make_promise(np.arange(80.0), np.r_[0.5, np.full(59, 10.0)], 0.05, "per_size", "calibrated")
+    assert enough.log10_nfa_threshold == 1.0 and enough.rate == pytest.approx(2 / 81)  # the second smallest, 2/81 on average
+    assert enough.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05)) and not enough.shortfall
     assert (enough.verification_images, enough.verification_flagged) == (60, 1)  # 0.5 < 1.0 is flagged, 10.0 is not
     assert enough.verification_upper_95 == pytest.approx(binomial_upper_bound(1, 60))
-    assert "too few" not in enough.note and "verified on 60: 1 flagged" in enough.note
-    few = make_promise(np.arange(12.0), np.full(12, 10.0), 0.05, "per_size", "calibrated")
-    assert few.rate == pytest.approx(1 / 13) and few.log10_nfa_threshold == 0.0
+    assert "too few" not in enough.note and "91.4 % confidence" in enough.note and "verified on 60: 1 flagged" in enough.note
+    unsure = make_promise(np.arange(30.0), np.full(30, 10.0), 0.05, "per_size", "calibrated")
+    assert unsure.shortfall and unsure.confidence == pytest.approx(1 - 0.95**30) and "90 % confidence needs 45 images" in unsure.note
+    average = make_promise(np.arange(39.0), np.full(10, 10.0), 0.05, "per_size", "calibrated", confidence=None)
+    assert average.confidence is None and average.rate == pytest.approx(0.05) and not average.shortfall
+    assert "on average over runs" in average.note
+    few = make_promise(np.arange(12.0), np.full(12, 10.0), 0.05, "per_size", "calibrated", confidence=None)
+    assert few.shortfall and few.rate == pytest.approx(1 / 13) and few.log10_nfa_threshold == 0.0
     assert "smallest of 12 calibration values" in few.note and "too few to confirm" in few.note
     assert math.isclose(few.verification_rate, 0.0)

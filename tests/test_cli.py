@@ -95,6 +95,8 @@ def test_bad_inputs_fail_with_one_line_and_leave_no_results(run_dir, brick, tmp_
     _one_line_error(uflow_cli("predict", run_dir, tmp_path / "missing.png", "--out", out), "no such file")
     _one_line_error(uflow_cli("predict", run_dir, bad / "a.png", "--out", out, "--epsilon", "0"), "epsilon")
     _one_line_error(uflow_cli("fit", brick, "--out", tmp_path / "r2", "--backbone", "resnet18", "--no-download", "--quiet"), "resnet18")
+    _one_line_error(uflow_cli("fit", brick, "--out", tmp_path / "r3", "--confidence", "1.5", "--quiet"), "confidence must be between 0 and 1")
+    assert not (tmp_path / "r3").exists()
 
 
 def test_evaluate_prints_the_table_and_writes_the_report(run_dir, brick, tmp_path):

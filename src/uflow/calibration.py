@@ -11,12 +11,19 @@ pixels) nor a null fitted on normal images describes a trained flow's latents
 exactly, so the threshold is not taken from the NFA's nominal meaning but set
 on *calibration* normal images the flow never fit and that neither chose the
 epoch nor fitted the null: with their smallest log10 NFAs sorted, T_(1) <= ...
-<= T_(n), detecting below T_(k) with k = floor(rate (n + 1)) flags a new normal
-image with probability at most k / (n + 1) <= rate (split conformal: only
-exchangeability of normal images is assumed; the threshold stays a log10 NFA,
-regions keep their NFA and ranking). Then the promise is *measured* on further
-*verification* images that played no role at all, and recorded with a
-one-sided 95 % Clopper-Pearson upper bound.
+<= T_(n), detecting below T_(k) flags a new normal image with probability
+R_k, a random variable over calibration sets with law Beta(k, n + 1 - k)
+(only exchangeability of normal images is assumed; the threshold stays a
+log10 NFA, so regions keep their NFA and ranking).
+
+By default k is the largest rank with P(R_k > rate) = P(Binom(n, rate) <= k - 1)
+<= 1 - confidence: *this run's* rate is at most ``rate`` with that confidence
+(a training-conditional, or PAC, threshold). The split conformal rule
+k = floor(rate (n + 1)) only bounds the rate on average over runs, E R_k =
+k / (n + 1): with 40 calibration images a single run's rate then exceeds 5 %
+with probability 0.4, and a line lives with one run. Then the promise is
+*measured* on further *verification* images that played no role at all, and
+recorded with a one-sided 95 % Clopper-Pearson upper bound.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ from .segmentation import TEST_COUNTS, Segmentation, TestCount, segment, smalles
 Null = Literal["calibrated", "theoretical"]
 NULLS: tuple[str, ...] = ("calibrated", "theoretical")
 FALSE_ALARM_RATE = 0.05  # default promise: at most 5 % of normal images get any detection
-CONFIDENCE = 0.95
+PROMISE_CONFIDENCE = 0.9  # ... with this probability for the run at hand (None: on average over runs)
+CONFIDENCE = 0.95  # of the upper bound on the rate measured on verification images
 
 
 def check_options(epsilon: float | None, test_count: str, null: str) -> None:
@@ -49,24 +57,46 @@ def check_options(epsilon: float | None, test_count: str, null: str) -> None:
         raise UFlowError(f"null must be one of {', '.join(NULLS)}, got {null!r}")
 
 
-def check_rate(rate: float) -> None:
+def check_rate(rate: float, confidence: float | None = None) -> None:
     if not 0 < rate < 1:
         raise UFlowError(f"false-alarm rate must be between 0 and 1 (a share of normal images), got {rate}")
+    if confidence is not None and not 0 < confidence < 1:
+        raise UFlowError(f"confidence must be between 0 and 1 (or none, for the rate on average over runs), got {confidence}")
 
 
-def conformal_threshold(smallest: Sequence[float], rate: float) -> tuple[float, float]:
-    """(log10 NFA threshold, rate it certifies) from calibration images' smallest log10 NFAs.
+@dataclass(frozen=True)
+class Rank:
+    """Which calibration value is the threshold, and what that rank guarantees."""
 
-    Detecting below the k-th smallest of n values, k = floor(rate (n + 1)),
-    flags an exchangeable new image with probability k / (n + 1) <= rate.
-    With fewer than 1 / rate - 1 images no such k exists; then k = 1 and the
-    certified rate is 1 / (n + 1), larger than asked: the caller says so.
+    k: int  # detect below the k-th smallest calibration value
+    mean_rate: float  # k / (n + 1): the rate on average over calibration sets
+    confidence: float | None  # P(this run's rate <= the requested rate); None for the average-only rule
+
+
+def threshold_rank(n: int, rate: float, confidence: float | None) -> Rank:
+    """The rank whose calibration value bounds the false-alarm rate, for ``n`` calibration images.
+
+    With ``confidence``, the largest k with P(Binom(n, rate) <= k - 1) <= 1 - confidence:
+    this run's rate is at most ``rate`` with at least that probability. When even k = 1
+    falls short (fewer than log(1 - confidence) / log(1 - rate) images, 45 for 5 % at
+    90 %), k = 1 and the confidence reached is 1 - (1 - rate)^n. Without ``confidence``,
+    split conformal: k = floor(rate (n + 1)), at least 1.
     """
-    values = np.sort(np.asarray(smallest, dtype=np.float64))
-    if values.size == 0:
+    if n < 1:
         raise ValueError("no calibration images")
-    k = max(1, math.floor(rate * (values.size + 1) + 1e-9))
-    return float(values[k - 1]), k / (values.size + 1)
+    if confidence is None:
+        k = max(1, math.floor(rate * (n + 1) + 1e-9))
+        return Rank(k, k / (n + 1), None)
+    exceed = scipy_stats.binom.cdf(np.arange(n), n, rate)  # index k - 1: P(the run's rate > rate) at rank k
+    k = max(1, int(np.count_nonzero(exceed <= 1 - confidence + 1e-12)))
+    return Rank(k, k / (n + 1), float(1 - exceed[k - 1]))
+
+
+def conformal_threshold(smallest: Sequence[float], rate: float, confidence: float | None = PROMISE_CONFIDENCE) -> tuple[float, Rank]:
+    """(log10 NFA threshold, its rank) from calibration images' smallest log10 NFAs (see :func:`threshold_rank`)."""
+    values = np.sort(np.asarray(smallest, dtype=np.float64))
+    rank = threshold_rank(values.size, rate, confidence)
+    return float(values[rank.k - 1]), rank
 
 
 def binomial_upper_bound(flagged: int, n: int, confidence: float = CONFIDENCE) -> float:
@@ -77,8 +107,12 @@ def binomial_upper_bound(flagged: int, n: int, confidence: float = CONFIDENCE) -
 
 
 def images_to_verify(rate: float, confidence: float = CONFIDENCE) -> int:
-    """Fewest images whose upper bound can be at most ``rate``: all of them clean, (1 - rate)^n <= 1 - confidence."""
-    return math.ceil(math.log(1 - confidence) / math.log(1 - rate))
+    """Fewest images whose upper bound can be at most ``rate``: all of them clean, (1 - rate)^n <= 1 - confidence.
+
+    The same count is the fewest calibration images for a threshold whose rate is at most ``rate``
+    with probability ``confidence`` (k = 1 in :func:`threshold_rank`).
+    """
+    return math.ceil(math.log(1 - confidence) / math.log(1 - rate) - 1e-9)
 
 
 def _pct(rate: float) -> str:
@@ -90,7 +124,7 @@ class Promise:
     """What a run promises about false alarms on normal images, and what images it never used said about it."""
 
     requested_rate: float  # share of normal images allowed any detection, as asked at fit time
-    rate: float  # what the calibration images certify: k / (n + 1), at most the request when they suffice
+    rate: float  # k / (n + 1): the rate on average over calibration sets
     log10_nfa_threshold: float  # regions with log10 NFA below it are detected
     test_count: str  # the segmentation settings the threshold was set for
     null: str
@@ -100,30 +134,65 @@ class Promise:
     verification_rate: float | None  # flagged / images; None without verification images
     verification_upper_95: float  # one-sided 95 % Clopper-Pearson bound (1.0 without images)
     note: str  # one line for people
+    # P(this run's rate <= requested_rate) over calibration sets, as asked and as reached with the
+    # images there were; None for the average-only rule (and for runs made before the PAC threshold).
+    requested_confidence: float | None = None
+    confidence: float | None = None
+
+    @property
+    def target_rate(self) -> float:
+        """The rate verification should confirm: the requested one when promised per run, else the average."""
+        return self.requested_rate if self.confidence is not None else self.rate
+
+    @property
+    def shortfall(self) -> bool:
+        """True when the calibration images could not give what was asked."""
+        if self.rate > self.requested_rate + 1e-12:
+            return True
+        return self.requested_confidence is not None and (self.confidence or 0.0) < self.requested_confidence - 1e-12
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
 
 def make_promise(
-    calibration: Sequence[float], verification: Sequence[float], requested: float, test_count: str, null: str
+    calibration: Sequence[float],
+    verification: Sequence[float],
+    requested: float,
+    test_count: str,
+    null: str,
+    confidence: float | None = PROMISE_CONFIDENCE,
 ) -> Promise:
     """Set the threshold on the calibration images' smallest log10 NFAs and measure it on the verification images'."""
-    threshold, rate = conformal_threshold(calibration, requested)
+    threshold, rank = conformal_threshold(calibration, requested, confidence)
+    n_cal, n_ver = len(calibration), len(verification)
     flagged = int((np.asarray(verification, dtype=np.float64) < threshold).sum())
-    n_ver = len(verification)
     upper = binomial_upper_bound(flagged, n_ver)
     measured = flagged / n_ver if n_ver else None
-    needed = images_to_verify(rate)
-    if rate > requested + 1e-12:
-        where = f"at the smallest of {len(calibration)} calibration values ({_pct(requested)} needs {math.ceil(1 / requested) - 1} images)"
+    where = f"threshold at the {_ordinal(rank.k)}smallest of {n_cal} calibration values"
+    if rank.confidence is None:
+        note = f"promise: at most {_pct(rank.mean_rate)} of normal images flagged on average over runs, {where}"
+        if rank.mean_rate > requested + 1e-12:
+            note += f" ({_pct(requested)} needs {math.ceil(1 / requested) - 1} images)"
     else:
-        where = f"on {len(calibration)} calibration images"
-    note = f"promise: at most {_pct(rate)} of normal images flagged, threshold set {where}; "
-    note += f"verified on {n_ver}: {flagged} flagged, 95 % bound {_pct(upper)}" if n_ver else "not verified (no verification images)"
-    if 0 < n_ver < needed:
-        note += f" (too few to confirm {_pct(rate)}: that needs {needed} with none flagged)"
-    return Promise(requested, rate, threshold, test_count, null, len(calibration), n_ver, flagged, measured, upper, note)
+        note = f"promise: at most {_pct(requested)} of normal images flagged, with {_pct(rank.confidence)} confidence for this run"
+        note += f" ({_pct(rank.mean_rate)} on average), {where}"
+        if rank.confidence < confidence - 1e-12:
+            note += f" ({_pct(confidence)} confidence needs {images_to_verify(requested, confidence)} images)"
+    note += f"; verified on {n_ver}: {flagged} flagged, 95 % bound {_pct(upper)}" if n_ver else "; not verified (no verification images)"
+    bound_target = requested if rank.confidence is not None else rank.mean_rate
+    if 0 < n_ver < images_to_verify(bound_target):
+        note += f" (too few to confirm {_pct(bound_target)}: that needs {images_to_verify(bound_target)} with none flagged)"
+    return Promise(
+        requested, rank.mean_rate, threshold, test_count, null, n_cal, n_ver, flagged, measured, upper, note, confidence, rank.confidence
+    )
+
+
+def _ordinal(k: int) -> str:
+    """'' for 1 (the smallest), else '2nd ', '3rd ', '11th ', ..."""
+    if k == 1:
+        return ""
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')} "
 
 
 @dataclass

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .calibration import FALSE_ALARM_RATE, NULLS
+from .calibration import FALSE_ALARM_RATE, NULLS, PROMISE_CONFIDENCE
 from .errors import UFlowError
 
 try:
@@ -26,6 +26,15 @@ try:
 except ImportError:  # inference-only install (onnxruntime, no PyTorch): only 'predict MODEL.onnx' can run
     BACKBONES, DEFAULT_BACKBONE, DEFAULT_LR, DEFAULT_BATCH_SIZE, POSITIONS = {}, "tf_efficientnet_lite0", 0.0, 0, {"auto": ()}
 from .segmentation import TEST_COUNTS
+
+
+def _confidence(text: str) -> float | None:
+    if text == "average":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability such as 0.9, or 'average', got {text!r}") from None
 
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images that choose the epoch and fit the null (default 0.15)")
     fit.add_argument(
         "--false-alarm-rate", type=float, default=FALSE_ALARM_RATE, help="promise: share of normal images allowed any detection (default 0.05)"
+    )
+    fit.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=PROMISE_CONFIDENCE,
+        help="probability that this run keeps the promise (default 0.9; 'average' for the rate on average over runs, split conformal)",
     )
     fit.add_argument("--calibration-fraction", type=float, default=0.2, help="share of normal images that set the threshold (default 0.2)")
     fit.add_argument(
@@ -273,6 +288,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
             calibration_fraction=args.calibration_fraction,
             verification_fraction=args.verification_fraction,
             false_alarm_rate=args.false_alarm_rate,
+            confidence=args.confidence,
             seed=args.seed,
             device=args.device,
             weights=args.weights,

@@ -173,7 +173,9 @@ def evaluate(
         "n_anomalous": int(anomalous.sum()),
         "anomalous_flagged": int(flagged[anomalous].sum()),
         "normal_flagged": normal_flagged,
-        "false_alarm_promised": promise.rate if promise else None,
+        # With a confidence, the rate this run keeps with that probability; without, the rate on average over runs.
+        "false_alarm_promised": promise.target_rate if promise else None,
+        "false_alarm_confidence": promise.confidence if promise else None,
         "n_verification": promise.verification_images if promise else None,
         "verification_flagged": promise.verification_flagged if promise else None,
         "false_alarm_verified": promise.verification_rate if promise else None,

@@ -162,7 +162,8 @@ _METRIC_NOTES = (
     "AUROC, AUPRO (per-region overlap to FPR 0.3, normalised) and F1-max in percent; mIoU per image, normal images "
     "included (1 when nothing is detected), at the automatic threshold (the run's verified one, or log10 &epsilon; when given), at a threshold set on held-out "
     "normal training images (fair) and at the best threshold on this test set (oracle, an upper bound, never used to choose anything). "
-    "False alarms (FA): the share of normal images with any detection the run promised, the share of its verification images "
+    "False alarms (FA): the share of normal images with any detection the run promised (at most that share for this run "
+    "with the stated confidence over calibration sets; without one, on average over runs), the share of its verification images "
     "(normal images that took no part in training, stopping or calibration) flagged, with a one-sided 95 % Clopper-Pearson bound, "
     "and, under 'flagged: normal', the share of this test set's normal images flagged."
 )

@@ -35,19 +35,24 @@ def _share(flagged: int | None, n: int | None) -> str:
 def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> list[list[str]]:
     """Header plus one row per (name, metrics), plus the mean row as the paper's tables have it.
 
-    The false-alarm columns put side by side the promised rate, the rate
+    The false-alarm columns put side by side the promised rate (with the
+    confidence this run keeps it, when the run has one), the rate
     measured on the run's verification images (with its 95 % upper bound) and
     the share of this test set's normal images flagged.
     """
     header = ["category"] + [title for _, title, _ in COLUMNS] + ["flagged: defective", "flagged: normal", "FA promised", "FA verified (95% bound)"]
     out = [header]
 
+    def promised_cell(promised: float | None, confidence: float | None) -> str:
+        if promised is None:
+            return "-"
+        return f"{100 * promised:.1f}%" + ("" if confidence is None else f" at {100 * confidence:.0f}%")
+
     def false_alarm_cells(m: dict[str, Any]) -> list[str]:
-        promised = m.get("false_alarm_promised")
         verified = _share(m.get("verification_flagged"), m.get("n_verification"))
         if verified != "-":
             verified += f" <= {100 * m['false_alarm_verified_upper_95']:.1f}%"
-        return ["-" if promised is None else f"{100 * promised:.1f}%", verified]
+        return [promised_cell(m.get("false_alarm_promised"), m.get("false_alarm_confidence")), verified]
 
     for name, m in rows:
         out.append(
@@ -64,11 +69,11 @@ def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> l
             mean_row.append(format_value(float(np.mean(values)), kind) if values else "-")
         for key, total in (("anomalous_flagged", "n_anomalous"), ("normal_flagged", "n_normal")):
             mean_row.append(_share(sum(m[key] for _, m in rows), sum(m[total] for _, m in rows)))
-        promised = {m.get("false_alarm_promised") for _, m in rows}
+        promised = {(m.get("false_alarm_promised"), m.get("false_alarm_confidence")) for _, m in rows}
         flagged = [m.get("verification_flagged") for _, m in rows]
         n_ver = sum(m.get("n_verification") or 0 for _, m in rows)
         pooled = None if None in flagged else sum(flagged)
-        mean_row += ["-" if len(promised) != 1 or None in promised else f"{100 * promised.pop():.1f}%", _share(pooled, n_ver)]
+        mean_row += [promised_cell(*promised.pop()) if len(promised) == 1 else "-", _share(pooled, n_ver)]
         out.append(mean_row)
     return out
 

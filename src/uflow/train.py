@@ -32,7 +32,7 @@ from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_fea
 from .errors import UFlowError
 from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
-from .calibration import FALSE_ALARM_RATE, Calibration, check_rate, images_to_verify, make_promise
+from .calibration import FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
 from .anomaly_map import chi2_statistics, image_score, likelihood_map
 from .segmentation import correlation_area
@@ -144,6 +144,7 @@ def fit(
     calibration_fraction: float = 0.2,
     verification_fraction: float = 0.2,
     false_alarm_rate: float = FALSE_ALARM_RATE,
+    confidence: float | None = PROMISE_CONFIDENCE,
     patience: int = 10,
     n_steps: int = 4,
     position: Position = "auto",
@@ -167,10 +168,12 @@ def fit(
     train only one. The run records every candidate's NLL.
 
     ``false_alarm_rate`` is the promise: the share of normal images allowed
-    any detection at the default threshold. ``calibration_fraction`` of the
-    images set that threshold and ``verification_fraction`` (0 allowed) check
-    it; the result is ``model.calibration.promise``. When they are too few
-    to certify or to confirm the rate, a warning says so in one line.
+    any detection at the default threshold, for this run with probability
+    ``confidence`` (None: on average over runs, see :mod:`uflow.calibration`).
+    ``calibration_fraction`` of the images set that threshold and
+    ``verification_fraction`` (0 allowed) check it; the result is
+    ``model.calibration.promise``. When they are too few to certify or to
+    confirm the rate, a warning says so in one line.
     """
     started = time.perf_counter()
     paths = training_images(data)
@@ -181,7 +184,7 @@ def fit(
     for name, value, low in (("validation", val_fraction, 0), ("calibration", calibration_fraction, 0), ("verification", verification_fraction, -1e-12)):
         if not low < value < 1:
             raise UFlowError(f"{name} fraction must be between 0 and 1, got {value}")
-    check_rate(false_alarm_rate)
+    check_rate(false_alarm_rate, confidence)
     if position not in POSITIONS:
         raise UFlowError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     if epochs < 1 or batch_size < 1:
@@ -249,9 +252,10 @@ def fit(
         _smallest_log10_nfa(flow, calibration, extract_features(extractor, group, size, dev, batch_size, progress), dev, batch_size)
         for group in (cal_paths, ver_paths)
     ]
-    calibration.promise = make_promise(*smallest, false_alarm_rate, "per_size", "calibrated")
-    if calibration.promise.rate > false_alarm_rate or calibration.promise.verification_images < images_to_verify(calibration.promise.rate):
-        warnings.warn(calibration.promise.note, stacklevel=2)
+    promise = make_promise(*smallest, false_alarm_rate, "per_size", "calibrated", confidence)
+    if promise.shortfall or promise.verification_images < images_to_verify(promise.target_rate):
+        warnings.warn(promise.note, stacklevel=2)
+    calibration.promise = promise
     training = {
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(paths)} files",
         "n_train": len(train_paths),
