@@ -80,6 +80,7 @@ def main() -> None:
         "defective_flagged": f"{m['anomalous_flagged']}/{m['n_anomalous']}",
         "normal_flagged": f"{m['normal_flagged']}/{m['n_normal']}",
         "false_alarm_promised": m["false_alarm_promised"],
+        "false_alarm_confidence": m["false_alarm_confidence"],
         "verification_flagged": f"{m['verification_flagged']}/{m['n_verification']}",
         "verification_upper_95": m["false_alarm_verified_upper_95"],
         "score_tpr_at_same_fpr": m["score_tpr_at_same_fpr"],

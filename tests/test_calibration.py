@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from uflow.calibration import Calibration, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise, threshold_rank
+from uflow.calibration import Calibration, Promise, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise, threshold_rank
+from uflow.tables import table_rows
 
 THEORETICAL = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0)  # no fitted null: chi2(C)
 N_CALIBRATION = 39  # floor(0.05 * 40) = 2: the second smallest value certifies exactly 2 / 40 = 5 %
@@ -41,7 +42,6 @@ def test_pac_rank_is_the_largest_whose_rate_stays_below_the_promise_with_the_con
     # n = 80: k = 2 exceeds with 0.086, k = 3 with 0.23, so k = 2 at 90 % (reached: 91.4 %).
     rank = threshold_rank(80, 0.05, 0.9)
     assert (rank.k, rank.mean_rate) == (2, pytest.approx(2 / 81)) and rank.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05))
-    assert binom.cdf(2, 80, 0.05) > 0.1  # the next rank would break the confidence
     # 45 is the fewest for k = 1 at 90 % (0.95^45 = 0.0994); with 44 the confidence reached is 1 - 0.95^44 = 0.895.
     assert threshold_rank(45, 0.05, 0.9).k == 1 and images_to_verify(0.05, 0.9) == 45
     short = threshold_rank(44, 0.05, 0.9)
@@ -125,3 +125,17 @@ def test_promise_records_what_it_measured_and_says_when_images_are_too_few():
     assert few.shortfall and few.rate == pytest.approx(1 / 13) and few.log10_nfa_threshold == 0.0
     assert "smallest of 12 calibration values" in few.note and "too few to confirm" in few.note
     assert math.isclose(few.verification_rate, 0.0)
+
+
+def test_a_promise_recorded_before_the_confidence_existed_still_loads_and_reads_as_an_average():
+    recorded = make_promise(np.arange(39.0), np.full(40, 10.0), 0.05, "per_size", "calibrated", confidence=None).to_dict()
+    for key in ("requested_confidence", "confidence"):
+        del recorded[key]  # what uflow.json held before
+    old = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0, promise=recorded).promise
+    assert isinstance(old, Promise) and old.confidence is None and old.target_rate == old.rate == pytest.approx(0.05)
+    new = make_promise(np.arange(44.0), np.full(40, 10.0), 0.05, "per_size", "calibrated")  # 89.5 % reached, not 90 %
+    row = {"anomalous_flagged": 0, "n_anomalous": 0, "normal_flagged": 0, "n_normal": 0, "n_verification": 40, "verification_flagged": 0,
+           "false_alarm_verified_upper_95": 0.07}
+    cells = [table_rows([(name, dict(row, false_alarm_promised=p.target_rate, false_alarm_confidence=p.confidence))], False)[1][-2]
+             for name, p in (("old", old), ("new", new))]
+    assert cells == ["5.0%", "5.0% at 89.5%"]  # rounded down: a confidence short of 90 % never reads as 90 %

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import uflow
@@ -15,6 +16,16 @@ import uflow
 def uflow_cli(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "uflow", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_confidence_option_takes_a_probability_or_average():
+    from uflow.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["fit", "data", "--out", "r", "--confidence", "average"]).confidence is None
+    assert parser.parse_args(["fit", "data", "--out", "r"]).confidence == 0.9
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fit", "data", "--out", "r", "--confidence", "high"])
 
 
 def test_help_on_every_command():

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 import uflow
+from uflow.anomaly_map import display_map, likelihood_map
 from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from uflow.images import read_image
+from uflow.model import to_model_input
 
 from conftest import SMALL
 
@@ -32,8 +35,14 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert p.path == path
         assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
-        # The score is the mean of the map's top 1 % (96 * 96 / 100 -> 93 pixels), computed here from the map itself.
-        assert p.score == pytest.approx(float(np.sort(p.anomaly_map.ravel())[-93:].mean()), abs=1e-6)
+        # The score is the mean of the top 1 % of the flow's map on the input grid, before the smoothing of the map
+        # shown at image size; both recomputed here from the latents.
+        grid = model.image_size
+        latents = model.latents(to_model_input(read_image(path), grid)[None])
+        flow_map = likelihood_map(latents, (grid, grid))
+        top = -(-grid * grid // 100)
+        assert p.score == pytest.approx(float(np.sort(flow_map.numpy().ravel())[-top:].mean()), abs=1e-5)
+        assert np.allclose(p.anomaly_map, display_map(flow_map, (96, 96))[0].numpy(), atol=1e-5)
         assert p.mask.shape == (96, 96) and p.log10_nfa.shape == (96, 96)
         assert p.label == ("anomalous" if p.regions else "normal")
     no_seg = model.predict(paths[:2], segmentation=False)

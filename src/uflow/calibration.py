@@ -13,7 +13,7 @@ on *calibration* normal images the flow never fit and that neither chose the
 epoch nor fitted the null: with their smallest log10 NFAs sorted, T_(1) <= ...
 <= T_(n), detecting below T_(k) flags a new normal image with probability
 R_k, a random variable over calibration sets with law Beta(k, n + 1 - k)
-(only exchangeability of normal images is assumed; the threshold stays a
+(tied values only make it smaller; only exchangeability of normal images is assumed; the threshold stays a
 log10 NFA, so regions keep their NFA and ranking).
 
 By default k is the largest rank with P(R_k > rate) = P(Binom(n, rate) <= k - 1)
@@ -201,7 +201,7 @@ class Calibration:
 
     score_threshold: float  # largest validation image score: above it, "anomalous" without segmentation
     display_low: float  # median validation map value, the bottom of the overlay colour scale
-    display_high: float
+    display_high: float  # largest top-1 % mean of a validation image's smoothed map: the scale's top is twice it
     # Per scale, S = sum_c z^2 on held-out normal images matched by a * chi2(nu) in mean and
     # variance. A trained flow's latents are never exactly white: their per-pixel
     # spread is wider than chi2(C) even on training images, and the exact chi2(C)

@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=PROMISE_CONFIDENCE,
         help="probability that this run keeps the promise (default 0.9; 'average' for the rate on average over runs, split conformal)",
     )
-    fit.add_argument("--calibration-fraction", type=float, default=0.2, help="share of normal images that set the threshold (default 0.2)")
+    fit.add_argument("--calibration-fraction", type=float, default=0.25, help="share of normal images that set the threshold (default 0.25)")
     fit.add_argument(
-        "--verification-fraction", type=float, default=0.2, help="share of normal images, used for nothing else, that check it (default 0.2)"
+        "--verification-fraction", type=float, default=0.15, help="share of normal images, used for nothing else, that check it (default 0.15)"
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--quiet", action="store_true", help="no progress bars")

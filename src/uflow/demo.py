@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,14 @@ DEMO_EPOCHS = 30
 def run_demo(out: Path, categories: tuple[str, ...] = CATEGORIES, epochs: int = DEMO_EPOCHS, progress: bool = True) -> list[tuple[str, dict[str, Any]]]:
     """Build the texture dataset under ``out/data``, fit and evaluate each category, write ``out/report.html``."""
     out = Path(out)
+    started = time.perf_counter()
     data = make_texture_dataset(
         out / "data", categories=CATEGORIES, n_train=DEMO_TRAIN_IMAGES, n_good=DEMO_GOOD_IMAGES, n_per_defect=DEMO_DEFECTS_PER_KIND, size=DEMO_CROP,
         n_validation=DEMO_HELD_OUT_IMAGES,
     )
     rows = run_benchmark(data, out, fit_options={"epochs": epochs, **DEMO_FIT}, only=list(categories), progress=progress)
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
+    print(f"took:    {minutes} min {seconds} s (data, fits and evaluations)")
     print(f"report:  {(out / 'report.html').resolve()}")
     print(f"dataset: {data.resolve()} (MVTec layout: train/good, validation/good, test/<defect>, ground_truth/<defect>)")
     return rows

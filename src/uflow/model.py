@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import chi2_statistics, image_score, likelihood_map
+from .anomaly_map import chi2_statistics, display_map, image_score, likelihood_map
 from .backbones import FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -132,7 +132,7 @@ class UFlowModel:
         """Score images (paths or arrays); one :class:`Prediction` per image, in order.
 
         Regions are detected at the run's verified threshold (``calibration.promise``:
-        at most its rate of normal images flagged) unless ``epsilon`` is given,
+        at most its rate of normal images flagged, with its confidence) unless ``epsilon`` is given,
         which detects at log10 NFA < log10 epsilon, the paper's rule.
         ``keep_images`` keeps the scored RGB image in each prediction (for
         overlays). ``on_error(path, message)``, when given, receives images that
@@ -216,10 +216,11 @@ class UFlowModel:
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])
         latents = self.latents(batch)
         sizes = [img.shape[:2] for img, _ in items]
-        maps = [likelihood_map([z[i : i + 1] for z in latents], size) for i, size in enumerate(sizes)]
-        scores = [float(image_score(m)) for m in maps]
+        flow_maps = likelihood_map(latents, (self.image_size, self.image_size))
+        scores = image_score(flow_maps).tolist()
+        maps = [display_map(flow_maps[i : i + 1], size)[0].cpu().numpy() for i, size in enumerate(sizes)]
         stats = [s.cpu().numpy() for s in chi2_statistics(latents)] if with_statistics else []
-        return scores, [m[0].cpu().numpy() for m in maps], stats, sizes
+        return scores, maps, stats, sizes
 
     # ------------------------------------------------------------------ persistence
 

@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # metrics needs scikit-learn, which an inference-only install
 class Prediction:
     """What U-Flow says about one image.
 
-    ``anomaly_map`` is (H, W) in [0, 1] at the input image's size; ``score`` is
-    the mean of its highest 1 % of pixels. With segmentation on, ``log10_nfa`` is the per-pixel log10
+    ``anomaly_map`` is (H, W) in [0, 1] at the input image's size, smoothed;
+    ``score`` is the mean of the highest 1 % of the flow's unsmoothed map on
+    the model's input grid (see :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
     Number of False Alarms (inf where no candidate region covers the pixel),
     ``mask`` is ``log10_nfa < log10(epsilon)`` and ``regions`` the detections;
     ``label`` is "anomalous" when there is at least one detection. Without

@@ -34,7 +34,7 @@ from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_lo
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
-from .anomaly_map import chi2_statistics, image_score, likelihood_map
+from .anomaly_map import chi2_statistics, display_map, image_score, likelihood_map
 from .segmentation import correlation_area
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ def fit(
     lr: float = DEFAULT_LR,
     weight_decay: float = 1e-5,
     val_fraction: float = 0.15,
-    calibration_fraction: float = 0.2,
-    verification_fraction: float = 0.2,
+    calibration_fraction: float = 0.25,
+    verification_fraction: float = 0.15,
     false_alarm_rate: float = FALSE_ALARM_RATE,
     confidence: float | None = PROMISE_CONFIDENCE,
     patience: int = 10,
@@ -453,19 +453,21 @@ class FlowTrainer:
 @torch.no_grad()
 def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int) -> Calibration:
     """Image-score threshold and display range from held-out normal images."""
-    scores, medians = [], []
+    scores, medians, shown_tops = [], [], []
     stats: list[list[torch.Tensor]] = [[] for _ in val_feats.scales]
     n = len(val_feats)
     for start in range(0, n, batch_size):
         z, _ = flow(val_feats.batch(slice(start, start + batch_size), dev))
         maps = likelihood_map(z, (size, size))
         scores.append(image_score(maps).cpu())
-        medians.append(maps.flatten(1).median(dim=1).values.cpu())
+        shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
+        medians.append(shown.flatten(1).median(dim=1).values.cpu())
+        shown_tops.append(image_score(shown).cpu())
         for store, s in zip(stats, chi2_statistics(z)):
             store.append(s.double().cpu())
     score = torch.cat(scores)
     low = float(torch.cat(medians).median())
-    high = float(score.max())
+    high = float(torch.cat(shown_tops).max())
     scales, dofs, areas = [], [], []
     for store in stats:
         s = torch.cat(store)
@@ -475,7 +477,7 @@ def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.devic
         dofs.append(2 * mean * mean / var)
         areas.append(correlation_area(s.numpy()))
     return Calibration(
-        score_threshold=high,
+        score_threshold=float(score.max()),
         display_low=low,
         display_high=max(high, low + 1e-6),
         chi2_scale=scales,
