@@ -12,7 +12,7 @@ from .textures import CATEGORIES, make_texture_dataset
 # Small enough to finish in a few minutes on a 2-core CPU, large enough to give stable numbers:
 # 120 training crops; 330 held-out crops from the test part of each photograph (as new to the model
 # as the test crops; scoring one costs a fraction of a second) give 30 to stop and fit the null, 200
-# to set the threshold (the 6th smallest of 200 keeps 5 % with 94 % confidence, 3 % on average, and a
+# to set the threshold (the 6th smallest of 200 keeps 5 % with 93.7 % confidence, 3 % on average, and a
 # run's rate scatters less around that than with fewer) and 100, used for nothing else, to check it;
 # 100 normal and 40 defective test crops (10 of each kind): with fewer, one image moves a
 # detection rate by several points and a false-alarm rate by more than the promise.
