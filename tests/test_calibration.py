@@ -39,7 +39,7 @@ def test_conformal_threshold_takes_the_k_th_smallest_value():
 
 def test_pac_rank_is_the_largest_whose_rate_stays_below_the_promise_with_the_confidence():
     # The rate of the k-th smallest of n is Beta(k, n + 1 - k); it exceeds 5 % with probability P(Binom(n, 0.05) <= k - 1).
-    # n = 80: k = 2 exceeds with 0.086, k = 3 with 0.23, so k = 2 at 90 % (reached: 91.4 %).
+    # n = 80: k = 2 exceeds with 0.086, k = 3 with 0.23, so k = 2 at 90 % (reached: 91.39 %, shown rounded down as 91.3 %).
     rank = threshold_rank(80, 0.05, 0.9)
     assert (rank.k, rank.mean_rate) == (2, pytest.approx(2 / 81)) and rank.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05))
     # 45 is the fewest for k = 1 at 90 % (0.95^45 = 0.0994); with 44 the confidence reached is 1 - 0.95^44 = 0.895.
@@ -115,9 +115,9 @@ def test_promise_records_what_it_measured_and_says_when_images_are_too_few():
     assert enough.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05)) and not enough.shortfall
     assert (enough.verification_images, enough.verification_flagged) == (60, 1)  # 0.5 < 1.0 is flagged, 10.0 is not
     assert enough.verification_upper_95 == pytest.approx(binomial_upper_bound(1, 60))
-    assert "too few" not in enough.note and "91.4 % confidence" in enough.note and "verified on 60: 1 flagged" in enough.note
+    assert "too few" not in enough.note and "91.3 % confidence" in enough.note and "verified on 60: 1 flagged" in enough.note
     unsure = make_promise(np.arange(30.0), np.full(30, 10.0), 0.05, "per_size", "calibrated")
-    assert unsure.shortfall and unsure.confidence == pytest.approx(1 - 0.95**30) and "90 % confidence needs 45 images" in unsure.note
+    assert unsure.shortfall and unsure.confidence == pytest.approx(1 - 0.95**30) and "90.0 % confidence needs 45 images" in unsure.note
     average = make_promise(np.arange(39.0), np.full(10, 10.0), 0.05, "per_size", "calibrated", confidence=None)
     assert average.confidence is None and average.rate == pytest.approx(0.05) and not average.shortfall
     assert "on average over runs" in average.note

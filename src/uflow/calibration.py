@@ -119,6 +119,11 @@ def _pct(rate: float) -> str:
     return f"{100 * rate:.3g} %"
 
 
+def confidence_pct(confidence: float) -> str:
+    """A confidence in percent, rounded down, so one short of 90 % never reads as 90 %."""
+    return f"{math.floor(1000 * confidence + 1e-9) / 10:.1f} %"
+
+
 @dataclass
 class Promise:
     """What a run promises about false alarms on normal images, and what images it never used said about it."""
@@ -169,23 +174,25 @@ def make_promise(
     flagged = int((np.asarray(verification, dtype=np.float64) < threshold).sum())
     upper = binomial_upper_bound(flagged, n_ver)
     measured = flagged / n_ver if n_ver else None
+    promise = Promise(
+        requested, rank.mean_rate, threshold, test_count, null, n_cal, n_ver, flagged, measured, upper, "", confidence, rank.confidence
+    )
     where = f"threshold at the {_ordinal(rank.k)}smallest of {n_cal} calibration values"
     if rank.confidence is None:
         note = f"promise: at most {_pct(rank.mean_rate)} of normal images flagged on average over runs, {where}"
         if rank.mean_rate > requested + 1e-12:
             note += f" ({_pct(requested)} needs {math.ceil(1 / requested) - 1} images)"
     else:
-        note = f"promise: at most {_pct(requested)} of normal images flagged, with {_pct(rank.confidence)} confidence for this run"
+        note = f"promise: at most {_pct(requested)} of normal images flagged, with {confidence_pct(rank.confidence)} confidence for this run"
         note += f" ({_pct(rank.mean_rate)} on average), {where}"
         if rank.confidence < confidence - 1e-12:
-            note += f" ({_pct(confidence)} confidence needs {images_to_verify(requested, confidence)} images)"
+            note += f" ({confidence_pct(confidence)} confidence needs {images_to_verify(requested, confidence)} images)"
     note += f"; verified on {n_ver}: {flagged} flagged, 95 % bound {_pct(upper)}" if n_ver else "; not verified (no verification images)"
-    bound_target = requested if rank.confidence is not None else rank.mean_rate
-    if 0 < n_ver < images_to_verify(bound_target):
-        note += f" (too few to confirm {_pct(bound_target)}: that needs {images_to_verify(bound_target)} with none flagged)"
-    return Promise(
-        requested, rank.mean_rate, threshold, test_count, null, n_cal, n_ver, flagged, measured, upper, note, confidence, rank.confidence
-    )
+    needed = images_to_verify(promise.target_rate)
+    if 0 < n_ver < needed:
+        note += f" (too few to confirm {_pct(promise.target_rate)}: that needs {needed} with none flagged)"
+    promise.note = note
+    return promise
 
 
 def _ordinal(k: int) -> str:

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .calibration import confidence_pct
+
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("image_auroc", "img AUROC", "pct"),
     ("pixel_auroc", "px AUROC", "pct"),
@@ -46,8 +48,7 @@ def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> l
     def promised_cell(promised: float | None, confidence: float | None) -> str:
         if promised is None:
             return "-"
-        # Rounded down, so a confidence short of 90 % never reads as 90 %.
-        return f"{100 * promised:.1f}%" + ("" if confidence is None else f" at {math.floor(1000 * confidence) / 10:.1f}%")
+        return f"{100 * promised:.1f}%" + ("" if confidence is None else f" at {confidence_pct(confidence).replace(' ', '')}")
 
     def false_alarm_cells(m: dict[str, Any]) -> list[str]:
         verified = _share(m.get("verification_flagged"), m.get("n_verification"))
