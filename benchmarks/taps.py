@@ -1,0 +1,67 @@
+"""Which EfficientNet-Lite0 stages feed the flow: fit and evaluate one category per choice of taps.
+
+    python benchmarks/taps.py CATEGORY_DIR [--taps 1,2,3 --taps 2,3,4] [--epochs 60] [--json FILE]
+
+timm's Lite0 feature stages are 0..4 with 16, 24, 40, 112 and 320 channels at
+strides 2, 4, 8, 16 and 32; uflow's default taps 1, 2, 3 (strides 4, 8, 16,
+as the paper's multi-scale features). Each choice is registered as a variant of
+the default backbone (same weights file), fitted with uflow's defaults
+(``--epochs`` and ``--fractions`` aside; held-out images from ``validation/good``
+when the category has one) and evaluated as ``uflow evaluate`` does. Used to choose the default
+across several sets, never per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import uflow
+from uflow.backbones import BACKBONES, DEFAULT_BACKBONE, get_spec
+from uflow.evaluate import evaluate
+
+LITE0_CHANNELS = (16, 24, 40, 112, 320)
+LITE0_STRIDES = (2, 4, 8, 16, 32)
+
+
+def register_taps(taps: tuple[int, ...]) -> str:
+    base = get_spec(DEFAULT_BACKBONE)
+    name = f"{DEFAULT_BACKBONE}_taps{''.join(map(str, taps))}"
+    BACKBONES[name] = dataclasses.replace(
+        base, name=name, out_indices=taps, channels=tuple(LITE0_CHANNELS[t] for t in taps), strides=tuple(LITE0_STRIDES[t] for t in taps)
+    )
+    return name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("category", type=Path)
+    parser.add_argument("--taps", action="append", help="comma-separated stage indices, repeatable (default: 1,2,3 and 2,3,4)")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--fractions", default=None, help="validation,calibration,verification shares, as fit takes them (the demo: 0.09,0.6,0.3)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for text in args.taps or ["1,2,3", "2,3,4"]:
+        taps = tuple(int(t) for t in text.split(","))
+        backbone = register_taps(taps)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(",")))) if args.fractions else {}
+            model = uflow.fit(args.category, backbone=backbone, epochs=args.epochs, progress=False, **shares)
+            fit_s = time.perf_counter() - started
+            m = evaluate(model, args.category, Path(tmp), report=False, progress=False).metrics
+        row = {"category": args.category.name, "taps": text, "fit_s": round(fit_s, 1), "best_epoch": model.training["best_epoch"],
+               **{k: m.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "normal_flagged", "anomalous_flagged")}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
