@@ -56,9 +56,9 @@ SMOOTHING_AT = 256
 def _blur_matrix(side: int, sigma: float) -> torch.Tensor:
     """(side, side) matrix B with B @ row = the row blurred by a Gaussian, edge values repeated past the border.
 
-    A 33-tap single-channel convolution is one of PyTorch's slowest CPU paths (3.8 ms per 256 px map
-    on the development machine, two threads); the same blur as two dense matrix products takes 0.4 ms
-    and exports to ONNX as two MatMuls with a constant, since the input grid's side is fixed.
+    A 33-tap single-channel convolution is a slow CPU path in PyTorch; two dense matrix products are
+    1.4x to 6.5x faster per 256 px map (two threads, one; ``benchmarks/blur.py``) and export to ONNX
+    as two MatMuls with a constant, since the input grid's side is fixed.
     """
     radius = int(4.0 * sigma + 0.5)  # scipy.ndimage's default truncation: 4 sigma
     offsets = torch.arange(-radius, radius + 1)
