@@ -11,7 +11,10 @@ the other 20% and every defective monocrystalline cell are the test set.
 The cells are written as an MVTec-style category under OUT/data (no masks:
 labels are per image), fitted with the default settings, and evaluated:
 image AUROC, and how many defective vs normal test cells the automatic
-threshold (the run's verified one) flags.
+threshold (the run's verified one) flags. ``--fractions`` and
+``--position-frequencies`` change what the run holds out and how finely the
+position-aware flow sees position, to measure those choices; the defaults are
+uflow's.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 
 import uflow
+import uflow.train
 from uflow.evaluate import evaluate
 from uflow.tables import format_table
 
@@ -61,11 +65,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-share", type=float, default=0.8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fractions", help="validation,calibration,verification shares of the normal cells, as fit takes them (default uflow's)")
+    parser.add_argument("--position-frequencies", type=int, help=f"sinusoid frequencies per axis of the position-aware flow (default uflow's, {uflow.train.POSITIONAL_FREQUENCIES})")
     args = parser.parse_args()
 
     category = build_category(args.out / "data", args.seed, args.train_share)
+    shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(",")))) if args.fractions else {}
+    if args.position_frequencies is not None:
+        # The race is between the position-blind flow and one that sees this many frequencies.
+        uflow.train.POSITIONS["auto"] = (0, args.position_frequencies)
     started = time.perf_counter()
-    model = uflow.fit(category, args.out / "run", epochs=args.epochs, seed=args.seed, device=args.device)
+    model = uflow.fit(category, args.out / "run", epochs=args.epochs, seed=args.seed, device=args.device, **shares)
     fit_seconds = time.perf_counter() - started
     result = evaluate(model, category, args.out)
     m = result.metrics
@@ -74,6 +84,8 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, {model.device}".strip(),
         "date": time.strftime("%Y-%m-%d"),
         "train_cells": sum(model.training[k] for k in ("n_train", "n_val", "n_calibration", "n_verification")),
+        "split": {k: model.training[k] for k in ("n_train", "n_val", "n_calibration", "n_verification")},
+        "positional": model.training["positional"],
         "fit_seconds": round(fit_seconds, 1),
         "best_epoch": model.training["best_epoch"],
         "image_auroc": m["image_auroc"],

@@ -2,14 +2,16 @@
 
     python benchmarks/image_scores.py RUN_DIR CATEGORY_DIR [--json FILE]
 
-Candidates: the anomaly map's maximum (the paper's), the mean of its top 1 %
-and top 0.1 % of pixels, and minus the image's smallest log10 NFA (its most
-significant a contrario region). Every image is scored once at the model's
-resolution, as ``uflow evaluate`` does, and each map candidate is computed from
-the flow's unsmoothed map on the input grid (what uflow's score reads), so the
-differences come from the score alone. Used to fix
-uflow's image score (``anomaly_map.image_score``) across several sets, never
-per dataset.
+Candidates: the anomaly map's maximum (the paper's), the mean of its top 0.1 %,
+1 % and 5 % of pixels, minus the image's smallest log10 NFA (its most
+significant a contrario region), the top 1 % of each scale's map alone, and the
+top 1 % of the map standardised per pixel position by the mean and spread of
+the maps of the run's stopping images (normal images the flow did not train on)
+or of its training images (more of them, but fitted). Every image is scored once at the model's resolution,
+as ``uflow evaluate`` does, and each map candidate is computed from the flow's
+unsmoothed map on the input grid (what uflow's score reads), so the differences
+come from the score alone. Used to fix uflow's image score
+(``anomaly_map.image_score``) across several sets, never per dataset.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from uflow.anomaly_map import likelihood_map
 from uflow.evaluate import mvtec_test_set, model_resolution
 from uflow.metrics import image_auroc
 from uflow.model import UFlowModel, to_model_input
+from uflow.train import training_images
 
 
 def top_mean(maps: np.ndarray, share: float) -> np.ndarray:
@@ -35,14 +38,25 @@ def top_mean(maps: np.ndarray, share: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
-    """The flow's unsmoothed maps (N, S, S) on the model's input grid, each image resized as ``uflow evaluate`` does."""
+def scale_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
+    """Each scale's flow map alone (N, L, S, S) on the model's input grid, each image resized as ``uflow evaluate`` does."""
     size, square = model.image_size, model.extractor.spec.fixed_image_size
     out = []
     for path in paths:
         batch = to_model_input(model_resolution(path, size, square), size)[None].to(model.device)
-        out.append(likelihood_map(model.latents(batch), (size, size))[0].cpu().numpy())
+        out.append(torch.stack([likelihood_map([z], (size, size))[0] for z in model.latents(batch)]).cpu().numpy())
     return np.stack(out)
+
+
+def flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
+    """The flow's unsmoothed maps (N, S, S) on the model's input grid: 1 - mean over scales of the likelihoods."""
+    return scale_maps(model, paths).mean(axis=1)
+
+
+def standardised_per_position(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``maps`` minus the reference maps' mean at each pixel, over their spread there (floored at a tenth of its mean)."""
+    spread = reference.std(axis=0)
+    return (maps - reference.mean(axis=0)) / np.maximum(spread, 0.1 * spread.mean())
 
 
 def main() -> None:
@@ -57,13 +71,22 @@ def main() -> None:
     square = model.extractor.spec.fixed_image_size
     images = (model_resolution(it.path, model.image_size, square) for it in items)
     predictions = list(model.iter_predict(images))
-    maps = flow_maps(model, [it.path for it in items])
+    per_scale = scale_maps(model, [it.path for it in items])
+    maps = per_scale.mean(axis=1)
+    stopping = flow_maps(model, [Path(p) for p in model.training["val_images"]])
+    held_out = {str(Path(p)) for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
+    trained = [p for p in training_images(model.training["data"]) if str(p) not in held_out]
+    assert len(trained) == model.training["n_train"], "the run's training images are not where it recorded them"
     anomalous = [it.anomalous for it in items]
     candidates = {
         "max": maps.reshape(len(maps), -1).max(axis=1),
-        "top 1 %": top_mean(maps, 0.01),
         "top 0.1 %": top_mean(maps, 0.001),
+        "top 1 %": top_mean(maps, 0.01),
+        "top 5 %": top_mean(maps, 0.05),
         "smallest log10 NFA": -np.array([float(np.min(p.log10_nfa)) for p in predictions]),
+        **{f"scale {i} top 1 %": top_mean(per_scale[:, i], 0.01) for i in range(per_scale.shape[1])},
+        "per-position (stopping) top 1 %": top_mean(standardised_per_position(maps, stopping), 0.01),
+        "per-position (training) top 1 %": top_mean(standardised_per_position(maps, flow_maps(model, trained)), 0.01),
         "uflow's score": np.array([p.score for p in predictions]),
     }
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}

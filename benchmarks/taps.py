@@ -9,6 +9,12 @@ the default backbone (same weights file), fitted with uflow's defaults
 (``--epochs`` and ``--fractions`` aside; held-out images from ``validation/good``
 when the category has one) and evaluated as ``uflow evaluate`` does. Used to choose the default
 across several sets, never per dataset.
+
+With several choices it also measures two flows side by side, each later choice beside the first:
+the image AUROC of the two image scores combined, each standardised by the mean and spread of its
+model's scores on the run's stopping images (normal images neither flow trained on; both fits draw
+the same ones), by their maximum and by their sum. That is what an image score from a second,
+coarser flow beside the default one would give.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import uflow
 from uflow.backbones import BACKBONES, DEFAULT_BACKBONE, get_spec
-from uflow.evaluate import evaluate
+from uflow.evaluate import evaluate, model_resolution
+from uflow.metrics import image_auroc
 
 LITE0_CHANNELS = (16, 24, 40, 112, 320)
 LITE0_STRIDES = (2, 4, 8, 16, 32)
@@ -45,8 +54,9 @@ def main() -> None:
     parser.add_argument("--fractions", default=None, help="validation,calibration,verification shares, as fit takes them (the demo: 0.09,0.6,0.3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    rows = []
-    for text in args.taps or ["1,2,3", "2,3,4"]:
+    choices = args.taps or ["1,2,3", "2,3,4"]
+    rows, scores = [], []
+    for text in choices:
         taps = tuple(int(t) for t in text.split(","))
         backbone = register_taps(taps)
         with tempfile.TemporaryDirectory() as tmp:
@@ -54,9 +64,21 @@ def main() -> None:
             shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(",")))) if args.fractions else {}
             model = uflow.fit(args.category, backbone=backbone, epochs=args.epochs, progress=False, **shares)
             fit_s = time.perf_counter() - started
-            m = evaluate(model, args.category, Path(tmp), report=False, progress=False).metrics
+            result = evaluate(model, args.category, Path(tmp), report=False, progress=False)
+        m = result.metrics
+        stopping = [model_resolution(Path(p), model.image_size, model.extractor.spec.fixed_image_size) for p in model.training["val_images"]]
+        scores.append((model.training["val_images"], np.array([p.score for p in model.predict(stopping, segmentation=False)]),
+                       np.array([im["score"] for im in result.images]), [im["anomalous"] for im in result.images]))
         row = {"category": args.category.name, "taps": text, "fit_s": round(fit_s, 1), "best_epoch": model.training["best_epoch"],
                **{k: m.get(k) for k in ("image_auroc", "pixel_auroc", "aupro", "normal_flagged", "anomalous_flagged")}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    (first_val, first_stop, first_test, anomalous), *others = scores
+    for text, (val, stop, test, _) in zip(choices[1:], others):
+        assert val == first_val, "both fits must hold out the same stopping images"
+        z = [(t - s.mean()) / s.std() for s, t in ((first_stop, first_test), (stop, test))]
+        row = {"category": args.category.name, "taps": f"{choices[0]} beside {text}",
+               "image_auroc_max": image_auroc(np.maximum(*z), anomalous), "image_auroc_sum": image_auroc(z[0] + z[1], anomalous)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:
