@@ -6,7 +6,8 @@ The promise is per run: at most 5 % of normal images flagged, with the run's con
 run's count on one test set says little (at a true rate of 4.5 %, 6 or more of 100 are flagged
 about one time in three). Each seed draws its own split of the held-out images and its own
 training order; the test set stays the same. Per run: the promise, what its verification images
-showed, how many normal and defective test images the automatic threshold flags, and image AUROC;
+showed, how many normal and defective test images the automatic threshold flags, and image AUROC
+(pixel AUROC and AUPRO where the category has masks);
 then how many runs flagged more than the promised share of the normal test images.
 """
 
@@ -40,7 +41,7 @@ def main() -> None:
             m = evaluate(model, args.category, Path(tmp), report=False, progress=False).metrics
         row = {"category": args.category.name, "seed": seed, "fit_s": round(fit_s, 1),
                **{k: m.get(k) for k in ("false_alarm_promised", "false_alarm_confidence", "verification_flagged", "n_verification",
-                                         "normal_flagged", "n_normal", "anomalous_flagged", "n_anomalous", "image_auroc")}}
+                                         "normal_flagged", "n_normal", "anomalous_flagged", "n_anomalous", "image_auroc", "pixel_auroc", "aupro")}}
         print(json.dumps(row), flush=True)
         rows.append(row)
     over = sum(r["normal_flagged"] > r["false_alarm_promised"] * r["n_normal"] for r in rows)
