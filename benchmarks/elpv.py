@@ -34,6 +34,8 @@ import uflow.train
 from uflow.evaluate import evaluate
 from uflow.tables import format_table
 
+from taps import fit_fractions
+
 
 def build_category(root: Path, seed: int, train_share: float) -> Path:
     try:
@@ -65,17 +67,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-share", type=float, default=0.8)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--fractions", help="validation,calibration,verification shares of the normal cells, as fit takes them (default uflow's)")
+    parser.add_argument("--fractions", type=fit_fractions, default={}, help="validation,calibration,verification shares of the normal cells, as fit takes them (default uflow's)")
     parser.add_argument("--position-frequencies", type=int, help=f"sinusoid frequencies per axis of the position-aware flow (default uflow's, {uflow.train.POSITIONAL_FREQUENCIES})")
     args = parser.parse_args()
 
     category = build_category(args.out / "data", args.seed, args.train_share)
-    shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(",")))) if args.fractions else {}
     if args.position_frequencies is not None:
         # The race is between the position-blind flow and one that sees this many frequencies.
         uflow.train.POSITIONS["auto"] = (0, args.position_frequencies)
     started = time.perf_counter()
-    model = uflow.fit(category, args.out / "run", epochs=args.epochs, seed=args.seed, device=args.device, **shares)
+    model = uflow.fit(category, args.out / "run", epochs=args.epochs, seed=args.seed, device=args.device, **args.fractions)
     fit_seconds = time.perf_counter() - started
     result = evaluate(model, category, args.out)
     m = result.metrics

@@ -22,20 +22,21 @@ from pathlib import Path
 import uflow
 from uflow.evaluate import evaluate
 
+from taps import fit_fractions
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("category", type=Path)
     parser.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, one fit each")
     parser.add_argument("--epochs", type=int, default=30, help="the demo's 30 by default")
-    parser.add_argument("--fractions", default="0.09,0.6,0.3", help="validation,calibration,verification shares as fit takes them (default the demo's)")
+    parser.add_argument("--fractions", type=fit_fractions, default="0.09,0.6,0.3", help="validation,calibration,verification shares as fit takes them (default the demo's)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(","))))
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         started = time.perf_counter()
-        model = uflow.fit(args.category, seed=seed, epochs=args.epochs, progress=False, **shares)
+        model = uflow.fit(args.category, seed=seed, epochs=args.epochs, progress=False, **args.fractions)
         fit_s = time.perf_counter() - started
         with tempfile.TemporaryDirectory() as tmp:
             m = evaluate(model, args.category, Path(tmp), report=False, progress=False).metrics

@@ -37,6 +37,18 @@ LITE0_CHANNELS = (16, 24, 40, 112, 320)
 LITE0_STRIDES = (2, 4, 8, 16, 32)
 
 
+def fit_fractions(text: str) -> dict[str, float]:
+    """``--fractions V,C,W`` as the keyword arguments ``uflow.fit`` takes (an argparse type, shared by the benchmarks)."""
+    parts = text.split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (validation,calibration,verification), got {text!r}")
+    return dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), values))
+
+
 def register_taps(taps: tuple[int, ...]) -> str:
     base = get_spec(DEFAULT_BACKBONE)
     name = f"{DEFAULT_BACKBONE}_taps{''.join(map(str, taps))}"
@@ -51,7 +63,7 @@ def main() -> None:
     parser.add_argument("category", type=Path)
     parser.add_argument("--taps", action="append", help="comma-separated stage indices, repeatable (default: 1,2,3 and 2,3,4)")
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--fractions", default=None, help="validation,calibration,verification shares, as fit takes them (the demo: 0.09,0.6,0.3)")
+    parser.add_argument("--fractions", type=fit_fractions, default={}, help="validation,calibration,verification shares, as fit takes them (the demo: 0.09,0.6,0.3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     choices = args.taps or ["1,2,3", "2,3,4"]
@@ -61,8 +73,7 @@ def main() -> None:
         backbone = register_taps(taps)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            shares = dict(zip(("val_fraction", "calibration_fraction", "verification_fraction"), map(float, args.fractions.split(",")))) if args.fractions else {}
-            model = uflow.fit(args.category, backbone=backbone, epochs=args.epochs, progress=False, **shares)
+            model = uflow.fit(args.category, backbone=backbone, epochs=args.epochs, progress=False, **args.fractions)
             fit_s = time.perf_counter() - started
             result = evaluate(model, args.category, Path(tmp), report=False, progress=False)
         m = result.metrics
