@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from skimage import data
 
-from uflow.backbones import BACKBONES, build_feature_extractor, get_spec
+from uflow.backbones import BACKBONES, FeatureExtractor, build_feature_extractor, get_spec
 from uflow.errors import UFlowError
 
 
@@ -36,7 +38,7 @@ def test_default_extractor_uses_the_shipped_package_and_is_frozen():
     ext.train()
     assert not ext.training, "the backbone must stay in eval mode"
     feats = ext(torch.rand(2, 3, 64, 64))
-    assert [tuple(f.shape[1:]) for f in feats] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 16, 16), (40, 8, 8), (112, 4, 4), (320, 2, 2)]
     # parameter-free layer norm over (C, H, W) per image
     for f in feats:
         assert f.mean(dim=(1, 2, 3)).abs().max() < 1e-4
@@ -48,15 +50,21 @@ def _plain_lite0_features():
 
     from uflow.backbones import _fit_state_dict, _package_weights
 
-    plain = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3)).eval()
+    plain = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4)).eval()
     path, _ = _package_weights(get_spec("tf_efficientnet_lite0").weight_packages[0])
     plain.load_state_dict(_fit_state_dict(torch.load(path, weights_only=True), plain, "tf_efficientnet_lite0", "test"))
     return plain
 
 
-def test_cut_and_folded_backbone_gives_timms_features():
+def test_backbone_is_cut_after_its_last_tap():
+    spec = get_spec("tf_efficientnet_lite0")
+    finer = dataclasses.replace(spec, out_indices=(1, 2, 3), channels=spec.channels[:3], strides=spec.strides[:3], score_scales=())
+    assert len(FeatureExtractor(finer, 64, allow_download=False).models[0].blocks) == 5, "the two stride-32 stages are not run"
+    assert len(FeatureExtractor(spec, 64, allow_download=False).models[0].blocks) == 7
+
+
+def test_folded_backbone_gives_timms_features():
     ext = build_feature_extractor("tf_efficientnet_lite0", 128, allow_download=False)
-    assert len(ext.models[0].blocks) == 5, "the two stride-32 stages after the last tap are not run"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ext.modules()), "every batch norm is folded"
     x = torch.from_numpy(data.coffee()[:256, :256].copy()).permute(2, 0, 1).float()[None] / 255
     x = F.interpolate(x, size=(128, 128), mode="bilinear", antialias=True)
@@ -113,7 +121,10 @@ def test_every_backbone_declares_consistent_scales():
     for spec in BACKBONES.values():
         assert len(spec.channels) == len(spec.strides) >= 2
         assert all(b == 2 * a for a, b in zip(spec.strides, spec.strides[1:]))
+        for scales in (spec.map_scales, spec.score_scales):  # each flow models consecutive scales that the backbone taps
+            assert list(scales) == list(range(scales[0], scales[0] + len(scales))) and scales[-1] < len(spec.channels) if scales else True
+    assert get_spec("tf_efficientnet_lite0").score_channels == (40, 112, 320)
     with pytest.raises(UFlowError, match="unknown backbone"):
         get_spec("vgg")
-    with pytest.raises(UFlowError, match="multiple of 16"):
+    with pytest.raises(UFlowError, match="multiple of 32"):
         build_feature_extractor("tf_efficientnet_lite0", 100, allow_download=False)

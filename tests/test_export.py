@@ -53,7 +53,8 @@ def test_exported_model_agrees_with_pytorch(which, request, brick, exported_defa
         for a, b in zip(ours, ref):
             assert a.anomaly_map.shape == b.anomaly_map.shape
             assert np.abs(a.anomaly_map - b.anomaly_map).max() < 1e-4
-            assert abs(a.score - b.score) < 1e-4
+            # The score is standardised by the spread of held-out scores (small on this tiny set): 1e-4 in raw score units.
+            assert abs(a.score - b.score) < 1e-4 / min(model.calibration.score_spreads)
             assert np.array_equal(a.mask, b.mask)
             assert a.label == b.label and len(a.regions) == len(b.regions)
 

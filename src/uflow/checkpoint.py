@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .errors import UFlowError
 from .files import atomic_write_text, file_sha256
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the score flow (its tensors prefixed "score_flow."), Lite backbones tap stride 32
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "uflow.json"
 

@@ -4,8 +4,8 @@ Graph input ``image``: (B, H, W, 3) RGB, channels last as decoders produce
 it, ``uint8`` in 0..255 (default) or ``float32`` in [0, 1] (``input_dtype``).
 Batch, height and width are dynamic. Inside the graph: scaling to [0, 1],
 resizing to the model's input size (bilinear, antialiased, as in PyTorch),
-the backbone's normalisation, the backbone, the flow, the likelihood map on
-the input grid (the score is taken there), smoothed and resized to H x W.
+the backbone's normalisation, the backbone, the flows, the likelihood map on
+the input grid (the score is taken there, with the score flow's), smoothed and resized to H x W.
 
 Outputs: ``score`` (B,), ``anomaly_map`` (B, H, W) in [0, 1], and per scale
 ``chi2_<l>`` (B, H_l, W_l), the sum over latent channels of z^2 that the a
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .anomaly_map import chi2_statistics, display_map, image_score, likelihood_map
+from .anomaly_map import chi2_statistics, display_map
 from .errors import UFlowError
-from .model import UFlowModel
+from .model import UFlowModel, score_map_latents
 
 METADATA_KEY = "uflow"
 INPUT_DTYPES = ("uint8", "float32")
@@ -45,6 +45,8 @@ class ExportGraph(nn.Module):
         super().__init__()
         self.extractor = model.extractor
         self.flow = model.flow
+        self.score_flow = model.score_flow
+        self.calibration = model.calibration
         self.size = model.image_size
         self.from_uint8 = input_dtype == "uint8"
 
@@ -54,9 +56,8 @@ class ExportGraph(nn.Module):
         if self.from_uint8:
             x = x / 255.0
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        latents, _ = self.flow(self.extractor(x))
-        flow_map = likelihood_map(latents, (self.size, self.size))
-        return (image_score(flow_map), display_map(flow_map, (height, width)), *chi2_statistics(latents))
+        score, flow_map, latents = score_map_latents(self.extractor(x), self.extractor.spec, self.flow, self.score_flow, self.calibration, self.size)
+        return (score, display_map(flow_map, (height, width)), *chi2_statistics(latents))
 
 
 def output_names(n_scales: int) -> list[str]:

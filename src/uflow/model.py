@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import chi2_statistics, display_map, image_score, likelihood_map
-from .backbones import FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
+from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
+from .backbones import BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
 from .errors import UFlowError
@@ -56,15 +56,33 @@ def to_model_input(image: np.ndarray, image_size: int) -> torch.Tensor:
     return x[0]
 
 
+def score_map_latents(
+    features: Sequence[torch.Tensor], spec: BackboneSpec, flow: UFlow, score_flow: UFlow | None, calibration: Calibration, size: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """From backbone features: image scores (B,), the flow's map on the input grid (B, S, S) and the map flow's latents.
+
+    The map flow draws the map; its score and the score flow's (when there is one) are
+    combined as :func:`uflow.anomaly_map.combined_score` says.
+    """
+    latents, _ = flow([features[i] for i in spec.map_scales])
+    flow_map = likelihood_map(latents, (size, size))
+    scores = [image_score(flow_map)]
+    if score_flow is not None:
+        coarse, _ = score_flow([features[i] for i in spec.score_scales])
+        scores.append(image_score(likelihood_map(coarse, (size, size))))
+    return combined_score(scores, calibration.score_centres, calibration.score_spreads), flow_map, latents
+
+
 @dataclass
 class UFlowModel:
     """A trained U-Flow model. Use :func:`uflow.fit` or :func:`uflow.load` to get one."""
 
     extractor: FeatureExtractor
-    flow: UFlow
+    flow: UFlow  # models the finest scales; draws the map and the masks
     calibration: Calibration
     training: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    score_flow: UFlow | None = None  # models coarser scales for the image score only; None: the map flow's score alone
     precision: str = "fp32"  # of the backbone; the flow always runs in float32
     _backbone: Any = field(default=None, repr=False)  # the extractor, or its torch.compile'd version
     _workers: SegmentationWorkers = field(default_factory=SegmentationWorkers, repr=False)
@@ -81,6 +99,8 @@ class UFlowModel:
         self.device = resolve_device(device)
         self.extractor.to(self.device)
         self.flow.to(self.device)
+        if self.score_flow is not None:
+            self.score_flow.to(self.device)
         return self
 
     def accelerate(self, precision: str = "bf16", compile: bool = False) -> "UFlowModel":
@@ -101,14 +121,20 @@ class UFlowModel:
 
     @torch.no_grad()
     def latents(self, batch: torch.Tensor) -> list[torch.Tensor]:
-        """Images (B, 3, S, S) in [0, 1] -> per-scale latents, finest first."""
+        """Images (B, 3, S, S) in [0, 1] -> the map flow's per-scale latents, finest first."""
+        return self._score_map_latents(batch)[2]
+
+    @torch.no_grad()
+    def _score_map_latents(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         self.flow.eval()
+        if self.score_flow is not None:
+            self.score_flow.eval()
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        z, _ = self.flow([f.float().contiguous() for f in self.features(batch)])
-        return z
+        features = [f.float().contiguous() for f in self.features(batch)]
+        return score_map_latents(features, self.extractor.spec, self.flow, self.score_flow, self.calibration, self.image_size)
 
     @torch.no_grad()
     def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
@@ -214,10 +240,9 @@ class UFlowModel:
     ) -> tuple[list[float], list[np.ndarray], list[np.ndarray], list[tuple[int, int]]]:
         """Scores, anomaly maps at image size, chi-square maps and image sizes of one batch."""
         batch = torch.stack([to_model_input(img, self.image_size) for img, _ in items])
-        latents = self.latents(batch)
+        score, flow_maps, latents = self._score_map_latents(batch)
         sizes = [img.shape[:2] for img, _ in items]
-        flow_maps = likelihood_map(latents, (self.image_size, self.image_size))
-        scores = image_score(flow_maps).tolist()
+        scores = score.tolist()
         maps = [display_map(flow_maps[i : i + 1], size)[0].cpu().numpy() for i, size in enumerate(sizes)]
         stats = [s.cpu().numpy() for s in chi2_statistics(latents)] if with_statistics else []
         return scores, maps, stats, sizes
@@ -232,6 +257,7 @@ class UFlowModel:
             "image_size": self.image_size,
             "backbone_weights": [vars(s) for s in self.extractor.weight_sources],
             "flow": self.flow.config.to_dict(),
+            "score_flow": self.score_flow.config.to_dict() if self.score_flow is not None else None,
             "latent_channels": list(self.flow.latent_channels),
             "calibration": self.calibration.to_dict(),
             "training": self.training,
@@ -239,8 +265,26 @@ class UFlowModel:
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write the model into ``run_dir`` (created if needed) atomically."""
-        save_run(Path(run_dir), self.flow.state_dict(), self.describe())
+        tensors = dict(self.flow.state_dict())
+        if self.score_flow is not None:
+            tensors.update({SCORE_FLOW_PREFIX + k: v for k, v in self.score_flow.state_dict().items()})
+        save_run(Path(run_dir), tensors, self.describe())
         return Path(run_dir)
+
+
+SCORE_FLOW_PREFIX = "score_flow."  # the score flow's tensors in model.safetensors; the map flow's have no prefix
+
+
+def _load_flow(run_dir: str | os.PathLike, config: FlowConfig, tensors: dict[str, torch.Tensor], backbone: str) -> UFlow:
+    """A flow built from ``config`` holding exactly ``tensors``; one line naming the first mismatch otherwise."""
+    flow = UFlow(config)
+    own = flow.state_dict()
+    bad = [k for k in own if k not in tensors or tensors[k].shape != own[k].shape]
+    if bad or set(tensors) - set(own):
+        name = bad[0] if bad else sorted(set(tensors) - set(own))[0]
+        raise UFlowError(f"{run_dir}: flow weights do not fit a {backbone} model (first mismatch: {name})")
+    flow.load_state_dict(tensors)
+    return flow
 
 
 def load(
@@ -260,25 +304,24 @@ def load(
     try:
         spec = get_spec(config["backbone"])
         flow_config = FlowConfig.from_dict(config["flow"])
+        score_config = FlowConfig.from_dict(config["score_flow"]) if config.get("score_flow") else None
         image_size = int(config["image_size"])
         calibration = Calibration(**config["calibration"])
     except UFlowError as exc:
         raise UFlowError(f"{run_dir}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise UFlowError(f"{run_dir}: incomplete model description ({exc!r})") from None
-    expected = tuple(c for c, _, _ in spec.feature_shapes(image_size))
-    if flow_config.feature_channels != expected:
-        raise UFlowError(
-            f"{run_dir}: flow was built for feature channels {list(flow_config.feature_channels)}, "
-            f"but backbone {spec.name} gives {list(expected)}"
-        )
-    flow = UFlow(flow_config)
-    own = flow.state_dict()
-    bad = [k for k in own if k not in tensors or tensors[k].shape != own[k].shape]
-    if bad or set(tensors) - set(own):
-        name = bad[0] if bad else sorted(set(tensors) - set(own))[0]
-        raise UFlowError(f"{run_dir}: flow weights do not fit a {spec.name} model (first mismatch: {name})")
-    flow.load_state_dict(tensors)
+    for what, built, expected in (("flow", flow_config, spec.map_channels), ("score flow", score_config, spec.score_channels)):
+        if built is not None and built.feature_channels != expected:
+            raise UFlowError(
+                f"{run_dir}: {what} was built for feature channels {list(built.feature_channels)}, "
+                f"but backbone {spec.name} gives {list(expected)}"
+            )
+    score_tensors = {k[len(SCORE_FLOW_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCORE_FLOW_PREFIX)}
+    flow = _load_flow(run_dir, flow_config, {k: v for k, v in tensors.items() if not k.startswith(SCORE_FLOW_PREFIX)}, spec.name)
+    score_flow = _load_flow(run_dir, score_config, score_tensors, spec.name) if score_config is not None else None
+    if score_config is None and score_tensors:
+        raise UFlowError(f"{run_dir}: model.safetensors holds a score flow that uflow.json does not describe")
     recorded = config.get("backbone_weights", [])
     if weights is None:
         files = [w["detail"] if w.get("kind") == "file" else None for w in recorded]
@@ -294,5 +337,5 @@ def load(
                 f"{run_dir}: trained with backbone weights from {was.get('kind')} {was.get('detail')}, "
                 f"but this machine gives {now.kind} {now.detail}; features would differ"
             )
-    model = UFlowModel(extractor, flow, calibration, config.get("training", {}))
+    model = UFlowModel(extractor, flow, calibration, config.get("training", {}), score_flow=score_flow)
     return model.to(device)

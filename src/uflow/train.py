@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import DEFAULT_BACKBONE, FeatureExtractor, WeightsArg, build_feature_extractor
+from .backbones import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor
 from .errors import UFlowError
 from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, to_model_input
-from .anomaly_map import chi2_statistics, display_map, image_score, likelihood_map
+from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
 from .segmentation import correlation_area
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,13 @@ class FeatureCache:
     def batch(self, index: torch.Tensor | slice, device: torch.device) -> list[torch.Tensor]:
         return [f[index].to(device, non_blocking=True).float() for f in self.scales]
 
+    def select(self, scales: Sequence[int]) -> "FeatureCache":
+        """A view holding only ``scales`` (no copy): what one flow models."""
+        view = object.__new__(FeatureCache)
+        view.kind, view.folder, view.scales = self.kind, self.folder, [self.scales[i] for i in scales]
+        view._whole = self  # a disk cache's folder lives as long as any view of it
+        return view
+
     def __len__(self) -> int:
         return self.scales[0].shape[0]
 
@@ -148,6 +155,7 @@ def fit(
     patience: int = 10,
     n_steps: int = 4,
     position: Position = "auto",
+    score_flow: bool = True,
     seed: int = 0,
     device: str | torch.device | None = None,
     weights: WeightsArg = None,
@@ -166,6 +174,10 @@ def fit(
     :mod:`uflow.flow`) for the first sixth of the epochs (:func:`race_epochs`),
     then only the one with the lower held-out NLL goes on; "on" and "off"
     train only one. The run records every candidate's NLL.
+
+    ``score_flow`` also trains a second flow on coarser backbone scales, with the
+    same schedule and the race's choice of position, for the image score only (see
+    :func:`uflow.anomaly_map.combined_score`); backbones without coarser scales have none.
 
     ``false_alarm_rate`` is the promise: the share of normal images allowed
     any detection at the default threshold, for this run with probability
@@ -220,13 +232,14 @@ def fit(
     size = extractor.image_size
     train_feats = extract_features(extractor, train_paths, size, dev, batch_size, progress)
     val_feats = extract_features(extractor, val_paths, size, dev, batch_size, progress)
-    channels = tuple(f.shape[1] for f in train_feats.scales)
     schedule = Schedule(epochs, lr, weight_decay, batch_size, patience)
-    candidates = [FlowConfig(feature_channels=channels, n_steps=n_steps, permutation_seed=seed, positional=p) for p in POSITIONS[position]]
+    spec = extractor.spec
+    map_train, map_val = train_feats.select(spec.map_scales), val_feats.select(spec.map_scales)
+    candidates = [FlowConfig(feature_channels=spec.map_channels, n_steps=n_steps, permutation_seed=seed, positional=p) for p in POSITIONS[position]]
     trainers = []
     for config in candidates:
         torch.manual_seed(seed)  # each candidate starts from the weights it would get alone
-        trainers.append(FlowTrainer(config, train_feats, val_feats, schedule, dev, torch.Generator().manual_seed(seed), progress))
+        trainers.append(FlowTrainer(config, map_train, map_val, schedule, dev, torch.Generator().manual_seed(seed), progress))
     # Likelihoods of the same features under two flows are comparable: keep the one that explains held-out
     # normal images best. Candidates race for the first epochs and only the likelier one trains on.
     race = race_epochs(schedule.max_epochs) if len(trainers) > 1 else None
@@ -246,10 +259,28 @@ def fit(
     flow.eval()
     cache_kind = train_feats.kind
 
-    calibration = _calibrate(flow, val_feats, size, dev, batch_size)
-    del train_feats, val_feats
+    score_run = None
+    if score_flow and spec.score_scales and stopped not in ("interrupted", "diverged"):
+        # Position is a property of the images, so the score flow takes the race's answer instead of racing again.
+        config = FlowConfig(feature_channels=spec.score_channels, n_steps=n_steps, permutation_seed=seed, positional=flow.config.positional)
+        torch.manual_seed(seed)
+        trainer = FlowTrainer(config, train_feats.select(spec.score_scales), val_feats.select(spec.score_scales), schedule, dev,
+                              torch.Generator().manual_seed(seed), progress, label="fit score flow")
+        trainer.advance()
+        score_run = trainer.result()
+        if score_run.flow is None or score_run.stopped in ("interrupted", "diverged"):
+            raise KeyboardInterrupt if score_run.stopped == "interrupted" else UFlowError(
+                f"score flow: {score_run.diverged or 'training stopped'}; nothing saved (try a lower --lr, or --no-score-flow)"
+            )
+        score_run.flow.eval()
+    score_flow_model = score_run.flow if score_run is not None else None
+
+    calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size)
+    del train_feats, val_feats, map_train, map_val
     smallest = [
-        _smallest_log10_nfa(flow, calibration, extract_features(extractor, group, size, dev, batch_size, progress), dev, batch_size)
+        _smallest_log10_nfa(
+            flow, calibration, extract_features(extractor, group, size, dev, batch_size, progress).select(spec.map_scales), dev, batch_size
+        )
         for group in (cal_paths, ver_paths)
     ]
     promise = make_promise(*smallest, false_alarm_rate, "per_size", "calibrated", confidence)
@@ -273,6 +304,10 @@ def fit(
         "best_epoch": best_epoch,
         "best_val_nll": round(best_nll, 6),
         "stopped": stopped,
+        "score_flow": None if score_run is None else {
+            "best_epoch": score_run.best_epoch, "best_val_nll": round(score_run.best_nll, 6), "epochs_run": score_run.epochs_run,
+            "stopped": score_run.stopped, "history": score_run.history,
+        },
         "seed": seed,
         "lr": lr,
         "batch_size": batch_size,
@@ -282,7 +317,7 @@ def fit(
         "feature_cache": cache_kind,
         "history": history,
     }
-    model = UFlowModel(extractor, flow, calibration, training, dev)
+    model = UFlowModel(extractor, flow, calibration, training, dev, score_flow=score_flow_model)
     if out is not None:
         model.save(out)
     if diverged:
@@ -355,13 +390,14 @@ class FlowTrainer:
         dev: torch.device,
         generator: torch.Generator,
         progress: bool,
+        label: str | None = None,
     ):
         self.config, self.schedule, self.dev, self.generator, self.progress = config, schedule, dev, generator, progress
         self.train_feats, self.val_feats = train_feats, val_feats
         self.flow = UFlow(config).to(dev)
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
         self.dims = sum(f[0].numel() for f in train_feats.scales)
-        self.label = f"fit{' positional' if config.positional else ''}"
+        self.label = label or f"fit{' positional' if config.positional else ''}"
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_nll, self.best_epoch, self.epochs_run, self.last_cut = math.inf, 0, 0, 0
         self.stopped: str | None = None  # why training ended; None while it can go on
@@ -451,21 +487,33 @@ class FlowTrainer:
 
 
 @torch.no_grad()
-def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int) -> Calibration:
-    """Image-score threshold and display range from held-out normal images."""
-    scores, medians, shown_tops = [], [], []
-    stats: list[list[torch.Tensor]] = [[] for _ in val_feats.scales]
+def _calibrate(
+    flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int
+) -> Calibration:
+    """Image-score standardisation and threshold, display range and the null, from held-out normal images."""
+    flows = [(flow, spec.map_scales)] + ([(score_flow, spec.score_scales)] if score_flow is not None else [])
+    raw: list[list[torch.Tensor]] = [[] for _ in flows]
+    medians, shown_tops = [], []
+    stats: list[list[torch.Tensor]] = [[] for _ in spec.map_scales]
     n = len(val_feats)
     for start in range(0, n, batch_size):
-        z, _ = flow(val_feats.batch(slice(start, start + batch_size), dev))
+        feats = val_feats.batch(slice(start, start + batch_size), dev)
+        z, _ = flow([feats[i] for i in spec.map_scales])
         maps = likelihood_map(z, (size, size))
-        scores.append(image_score(maps).cpu())
         shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
         medians.append(shown.flatten(1).median(dim=1).values.cpu())
         shown_tops.append(image_score(shown).cpu())
         for store, s in zip(stats, chi2_statistics(z)):
             store.append(s.double().cpu())
-    score = torch.cat(scores)
+        raw[0].append(image_score(maps).cpu())
+        if score_flow is not None:
+            coarse, _ = score_flow([feats[i] for i in spec.score_scales])
+            raw[1].append(image_score(likelihood_map(coarse, (size, size))).cpu())
+    per_flow = [torch.cat(r).double() for r in raw]
+    # Population spread (n, not n - 1), floored so that a flow whose held-out scores all agree cannot divide by zero.
+    centres = [float(r.mean()) for r in per_flow]
+    spreads = [max(float(r.std(correction=0)), 1e-6) for r in per_flow]
+    score = combined_score([r.float() for r in per_flow], centres, spreads)
     low = float(torch.cat(medians).median())
     high = float(torch.cat(shown_tops).max())
     scales, dofs, areas = [], [], []
@@ -477,6 +525,8 @@ def _calibrate(flow: UFlow, val_feats: FeatureCache, size: int, dev: torch.devic
         dofs.append(2 * mean * mean / var)
         areas.append(correlation_area(s.numpy()))
     return Calibration(
+        score_centres=centres,
+        score_spreads=spreads,
         score_threshold=float(score.max()),
         display_low=low,
         display_high=max(high, low + 1e-6),
