@@ -3,7 +3,7 @@
     python benchmarks/image_scores.py RUN_DIR CATEGORY_DIR [--json FILE]
 
 Candidates: the anomaly map's maximum (the paper's), the mean of its top 0.1 %,
-1 % and 5 % of pixels, minus the image's smallest log10 NFA (its most
+1 % and 5 % of pixels (the map flow's; with a score flow, also that flow's top 1 % alone), minus the image's smallest log10 NFA (its most
 significant a contrario region), the top 1 % of each scale's map alone, and the
 top 1 % of the map standardised per pixel position by the mean and spread of
 the maps of the run's stopping images (normal images the flow did not train on)
@@ -53,6 +53,19 @@ def flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
     return scale_maps(model, paths).mean(axis=1)
 
 
+@torch.no_grad()
+def score_flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
+    """The score flow's unsmoothed maps (N, S, S) on the model's input grid (from its coarser scales)."""
+    size, square, spec = model.image_size, model.extractor.spec.fixed_image_size, model.extractor.spec
+    out = []
+    for path in paths:
+        batch = to_model_input(model_resolution(path, size, square), size)[None].to(model.device)
+        features = model.features(batch)
+        latents, _ = model.score_flow([features[i].float() for i in spec.score_scales])
+        out.append(likelihood_map(latents, (size, size))[0].cpu().numpy())
+    return np.stack(out)
+
+
 def standardised_per_position(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``maps`` minus the reference maps' mean at each pixel, over their spread there (floored at a tenth of its mean)."""
     spread = reference.std(axis=0)
@@ -89,6 +102,8 @@ def main() -> None:
         "per-position (training) top 1 %": top_mean(standardised_per_position(maps, flow_maps(model, trained)), 0.01),
         "uflow's score": np.array([p.score for p in predictions]),
     }
+    if model.score_flow is not None:  # the map flow's is "top 1 %"; uflow's score is the larger of the two, standardised
+        candidates["score flow top 1 %"] = top_mean(score_flow_maps(model, [it.path for it in items]), 0.01)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
     if args.json:

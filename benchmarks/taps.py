@@ -13,8 +13,8 @@ across several sets, never per dataset.
 With several choices it also measures two flows side by side, each later choice beside the first:
 the image AUROC of the two image scores combined, each standardised by the mean and spread of its
 model's scores on the run's stopping images (normal images neither flow trained on; both fits draw
-the same ones), by their maximum and by their sum. That is what an image score from a second,
-coarser flow beside the default one would give.
+the same ones), by their maximum and by their sum. The maximum with taps 2,3,4 is what uflow's score flow now
+does (``anomaly_map.combined_score``); this measured it before it was built.
 """
 
 from __future__ import annotations

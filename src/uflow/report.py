@@ -117,7 +117,7 @@ def _figures(evaluation: Evaluation, folder: Path, score_threshold: float) -> li
     ax.hist(scores[~anomalous], bins=bins, alpha=0.6, label=f"normal ({(~anomalous).sum()})", color="#2a9d8f")
     ax.hist(scores[anomalous], bins=bins, alpha=0.6, label=f"anomalous ({anomalous.sum()})", color="#e76f51")
     ax.axvline(score_threshold, color="#333", lw=1, ls="--", label="largest validation score")
-    ax.set(xlabel="image score (mean of the flow's map's top 1 %)", ylabel="images", title="Image scores")
+    ax.set(xlabel="image score (spreads of held-out normal scores above their mean)", ylabel="images", title="Image scores")
     ax.legend(fontsize=8)
     save(fig, "scores.png", "Image scores of normal and anomalous test images")
 

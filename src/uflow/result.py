@@ -20,8 +20,10 @@ class Prediction:
     """What U-Flow says about one image.
 
     ``anomaly_map`` is (H, W) in [0, 1] at the input image's size, smoothed;
-    ``score`` is the mean of the highest 1 % of the flow's unsmoothed map on
-    the model's input grid (see :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
+    ``score`` says how many spreads of held-out normal images' scores the image
+    lies above their mean, by the flow that finds it most unusual (each flow's
+    raw score is the mean of the highest 1 % of its unsmoothed map on the model's
+    input grid; see :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
     Number of False Alarms (inf where no candidate region covers the pixel),
     ``mask`` is ``log10_nfa < log10(epsilon)`` and ``regions`` the detections;
     ``label`` is "anomalous" when there is at least one detection. Without
