@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-score-flow",
         dest="score_flow",
         action="store_false",
-        help="skip the second, coarser flow that sharpens the image score (fits about twice as fast; maps and masks are the same)",
+        help="skip the second, coarser flow that sharpens the image score (a shorter fit; maps and masks are the same)",
     )
     fit.add_argument("--val-fraction", type=float, default=0.15, help="share of normal images that choose the epoch and fit the null (default 0.15)")
     fit.add_argument(

@@ -122,10 +122,17 @@ class UFlowModel:
     @torch.no_grad()
     def latents(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> the map flow's per-scale latents, finest first."""
-        return self._score_map_latents(batch)[2]
+        features = self._flow_inputs(batch)
+        z, _ = self.flow([features[i] for i in self.extractor.spec.map_scales])
+        return z
 
     @torch.no_grad()
     def _score_map_latents(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        features = self._flow_inputs(batch)
+        return score_map_latents(features, self.extractor.spec, self.flow, self.score_flow, self.calibration, self.image_size)
+
+    def _flow_inputs(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, 3, S, S) in [0, 1] -> float32 backbone features on the model's device, the flows set to eval."""
         self.flow.eval()
         if self.score_flow is not None:
             self.score_flow.eval()
@@ -133,8 +140,7 @@ class UFlowModel:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         else:
             batch = batch.to(self.device)
-        features = [f.float().contiguous() for f in self.features(batch)]
-        return score_map_latents(features, self.extractor.spec, self.flow, self.score_flow, self.calibration, self.image_size)
+        return [f.float().contiguous() for f in self.features(batch)]
 
     @torch.no_grad()
     def features(self, batch: torch.Tensor) -> list[torch.Tensor]:
