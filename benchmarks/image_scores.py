@@ -3,7 +3,9 @@
     python benchmarks/image_scores.py RUN_DIR CATEGORY_DIR [--json FILE]
 
 Candidates: the anomaly map's maximum (the paper's), the mean of its top 0.1 %,
-1 % and 5 % of pixels (the map flow's; with a score flow, also that flow's top 1 % alone), minus the image's smallest log10 NFA (its most
+1 % and 5 % of pixels (the map flow's; with a score flow, also that flow's top 1 % alone, standardised per
+position on the training images, and the mean of both flows' standardised scores where uflow takes
+the larger), minus the image's smallest log10 NFA (its most
 significant a contrario region), the top 1 % of each scale's map alone, and the
 top 1 % of the map standardised per pixel position by the mean and spread of
 the maps of the run's stopping images (normal images the flow did not train on)
@@ -103,7 +105,12 @@ def main() -> None:
         "uflow's score": np.array([p.score for p in predictions]),
     }
     if model.score_flow is not None:  # the map flow's is "top 1 %"; uflow's score is the larger of the two, standardised
-        candidates["score flow top 1 %"] = top_mean(score_flow_maps(model, [it.path for it in items]), 0.01)
+        coarse = score_flow_maps(model, [it.path for it in items])
+        candidates["score flow top 1 %"] = top_mean(coarse, 0.01)
+        centres, spreads = model.calibration.score_centres, model.calibration.score_spreads
+        standardised = [(candidates[k] - c) / s for k, c, s in zip(("top 1 %", "score flow top 1 %"), centres, spreads)]
+        candidates["mean of the two standardised"] = (standardised[0] + standardised[1]) / 2
+        candidates["score flow per-position (training) top 1 %"] = top_mean(standardised_per_position(coarse, score_flow_maps(model, trained)), 0.01)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
     if args.json:

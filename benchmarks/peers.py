@@ -367,8 +367,33 @@ def run_uflow(category: Path, out: Path, args: argparse.Namespace) -> dict[str, 
     model = uflow.fit(category, out=out / "run", seed=args.seed, device=args.device, progress=False)
     fit_s = time.perf_counter() - start
     m = evaluate(model, category, out, progress=False).metrics
+    # What the automatic threshold did on the same fit (the peers have no such threshold to compare).
+    automatic = {key: m.get(key) for key in AUTOMATIC_KEYS}
     return {"image_auroc": m["image_auroc"], "pixel_auroc": m.get("pixel_auroc"), "aupro": m.get("aupro"), "fit_s": round(fit_s, 2),
-            "n_train": len(_images(category / "train" / "good")), "device": str(model.device), "versions": {"uflow": uflow.__version__}}
+            "n_train": len(_images(category / "train" / "good")), "device": str(model.device), "versions": {"uflow": uflow.__version__},
+            "epochs": {"map flow": model.training["epochs_run"], "score flow": (model.training.get("score_flow") or {}).get("epochs_run")},
+            "automatic": automatic}
+
+
+AUTOMATIC_KEYS = ("false_alarm_promised", "false_alarm_confidence", "n_verification", "verification_flagged", "false_alarm_verified_upper_95",
+                  "n_normal", "normal_flagged", "n_anomalous", "anomalous_flagged", "detected", "score_tpr_at_same_fpr", "miou_auto", "miou_oracle")
+
+
+def format_automatic(rows: list[dict[str, Any]]) -> str:
+    """uflow's automatic threshold per category: promise, verified and test false-alarm rates, power beside the ROC's."""
+    header = (f"{'category':16s} {'promised':>14s} {'verified (95% bound)':>22s} {'normal flagged':>15s} {'detected':>9s} "
+              f"{'ROC same rate':>13s} {'mIoU auto/oracle':>17s}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        a = r.get("automatic")
+        if not a:
+            continue
+        promised = f"{_pct(a['false_alarm_promised'])}% at {_pct(a['false_alarm_confidence'])}%" if a["false_alarm_promised"] else "-"
+        verified = f"{a['verification_flagged']}/{a['n_verification']} <= {_pct(a['false_alarm_verified_upper_95'])}%" if a["n_verification"] else "-"
+        miou = f"{a['miou_auto']:.3f}/{a['miou_oracle']:.3f}" if a.get("miou_auto") is not None else "-"
+        lines.append(f"{r['category']:16s} {promised:>14s} {verified:>22s} {a['normal_flagged']:>9d}/{a['n_normal']:<5d} "
+                     f"{_pct(a['detected']):>9s} {_pct(a['score_tpr_at_same_fpr']):>13s} {miou:>17s}")
+    return "\n".join(lines)
 
 
 def _pct(value: float | None) -> str:
@@ -454,6 +479,9 @@ def main() -> None:
           f"{BACKBONE} at {SIZE} px, same weights file for all · seed {args.seed} · FastFlow {args.fastflow_epochs} epochs · "
           f"threads: {args.threads or 'PyTorch default'} · PatchCore coreset ratio {args.coreset_ratio}" + (f", at most {args.coreset_max} patches" if args.coreset_max else ""))
     print(format_rows(rows))
+    if not args.skip_uflow:
+        print("\nuflow's automatic threshold (detected and the best threshold on the image score at the same test false-alarm rate, in %):")
+        print(format_automatic(rows))
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "job"}
         settings["categories"] = [str(c) for c in categories]
