@@ -89,8 +89,9 @@ def main() -> None:
     per_scale = scale_maps(model, [it.path for it in items])
     maps = per_scale.mean(axis=1)
     stopping = flow_maps(model, [Path(p) for p in model.training["val_images"]])
-    held_out = {str(Path(p)) for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
-    trained = [p for p in training_images(model.training["data"]) if str(p) not in held_out]
+    # The run records held-out images as absolute paths and its data folder as given (perhaps relative).
+    held_out = {Path(p).resolve() for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
+    trained = [p for p in training_images(model.training["data"]) if p.resolve() not in held_out]
     assert len(trained) == model.training["n_train"], "the run's training images are not where it recorded them"
     anomalous = [it.anomalous for it in items]
     candidates = {
