@@ -363,6 +363,11 @@ def run_peer(python: str, name: str, category: Path, out: Path, args: argparse.N
             "n_test": len(paths), "device": info["device"], "settings": info["details"], "versions": {"anomalib": info["anomalib"], "torch": info["torch"]}}
 
 
+# uflow's metrics that say what its automatic threshold did (recorded per row, printed by format_automatic).
+AUTOMATIC_KEYS = ("false_alarm_promised", "false_alarm_confidence", "n_verification", "verification_flagged", "false_alarm_verified_upper_95",
+                  "n_normal", "normal_flagged", "n_anomalous", "anomalous_flagged", "detected", "score_tpr_at_same_fpr", "miou_auto", "miou_oracle")
+
+
 def run_uflow(category: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     import uflow
     from uflow.evaluate import evaluate
@@ -377,10 +382,6 @@ def run_uflow(category: Path, out: Path, args: argparse.Namespace) -> dict[str, 
             "n_train": len(_images(category / "train" / "good")), "device": str(model.device), "versions": {"uflow": uflow.__version__},
             "epochs": {"map flow": model.training["epochs_run"], "score flow": (model.training.get("score_flow") or {}).get("epochs_run")},
             "automatic": automatic}
-
-
-AUTOMATIC_KEYS = ("false_alarm_promised", "false_alarm_confidence", "n_verification", "verification_flagged", "false_alarm_verified_upper_95",
-                  "n_normal", "normal_flagged", "n_anomalous", "anomalous_flagged", "detected", "score_tpr_at_same_fpr", "miou_auto", "miou_oracle")
 
 
 def format_automatic(rows: list[dict[str, Any]]) -> str:
