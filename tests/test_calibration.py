@@ -6,11 +6,17 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from uflow.calibration import Calibration, Promise, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise, threshold_rank
+from uflow.calibration import Calibration, HeldOut, Promise, binomial_upper_bound, conformal_threshold, images_to_verify, make_promise, threshold_rank
 from uflow.tables import table_rows
 
 THEORETICAL = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0)  # no fitted null: chi2(C)
 N_CALIBRATION = 39  # floor(0.05 * 40) = 2: the second smallest value certifies exactly 2 / 40 = 5 %
+
+
+def _regions(calibration, verification, *args, **kwargs) -> Promise:
+    """A promise decided on the most significant region alone, from smallest log10 NFAs (scores play no part)."""
+    held = [HeldOut(np.zeros(len(v)), v) for v in (calibration, verification)]
+    return make_promise(*held, *args, decision="region", **kwargs)
 
 
 def _smallest(rng, n, channels, side, scale=1.0):
@@ -110,32 +116,70 @@ def test_larger_latents_are_flagged_in_spots_not_as_whole_images():
 
 
 def test_promise_records_what_it_measured_and_says_when_images_are_too_few():
-    enough = make_promise(np.arange(80.0), np.r_[0.5, np.full(59, 10.0)], 0.05, "per_size", "calibrated")
+    enough = _regions(np.arange(80.0), np.r_[0.5, np.full(59, 10.0)], 0.05, "per_size", "calibrated")
     assert enough.log10_nfa_threshold == 1.0 and enough.rate == pytest.approx(2 / 81)  # the second smallest, 2/81 on average
     assert enough.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05)) and not enough.shortfall
     assert (enough.verification_images, enough.verification_flagged) == (60, 1)  # 0.5 < 1.0 is flagged, 10.0 is not
     assert enough.verification_upper_95 == pytest.approx(binomial_upper_bound(1, 60))
     assert "too few" not in enough.note and "91.3 % confidence" in enough.note and "verified on 60: 1 flagged" in enough.note
-    unsure = make_promise(np.arange(30.0), np.full(30, 10.0), 0.05, "per_size", "calibrated")
+    unsure = _regions(np.arange(30.0), np.full(30, 10.0), 0.05, "per_size", "calibrated")
     assert unsure.shortfall and unsure.confidence == pytest.approx(1 - 0.95**30) and "90.0 % confidence needs 45 images" in unsure.note
-    average = make_promise(np.arange(39.0), np.full(10, 10.0), 0.05, "per_size", "calibrated", confidence=None)
+    average = _regions(np.arange(39.0), np.full(10, 10.0), 0.05, "per_size", "calibrated", confidence=None)
     assert average.confidence is None and average.rate == pytest.approx(0.05) and not average.shortfall
     assert "on average over runs" in average.note
-    few = make_promise(np.arange(12.0), np.full(12, 10.0), 0.05, "per_size", "calibrated", confidence=None)
+    few = _regions(np.arange(12.0), np.full(12, 10.0), 0.05, "per_size", "calibrated", confidence=None)
     assert few.shortfall and few.rate == pytest.approx(1 / 13) and few.log10_nfa_threshold == 0.0
     assert "smallest of 12 calibration values" in few.note and "too few to confirm" in few.note
     assert math.isclose(few.verification_rate, 0.0)
 
 
 def test_a_promise_recorded_before_the_confidence_existed_still_loads_and_reads_as_an_average():
-    recorded = make_promise(np.arange(39.0), np.full(40, 10.0), 0.05, "per_size", "calibrated", confidence=None).to_dict()
-    for key in ("requested_confidence", "confidence"):
+    recorded = _regions(np.arange(39.0), np.full(40, 10.0), 0.05, "per_size", "calibrated", confidence=None).to_dict()
+    for key in ("requested_confidence", "confidence", "decision", "score_threshold"):
         del recorded[key]  # what uflow.json held before
     old = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0, promise=recorded).promise
     assert isinstance(old, Promise) and old.confidence is None and old.target_rate == old.rate == pytest.approx(0.05)
-    new = make_promise(np.arange(44.0), np.full(40, 10.0), 0.05, "per_size", "calibrated")  # 89.5 % reached, not 90 %
+    assert old.decision == "region" and old.score_threshold is None and old.flags([100.0], [39.5]).tolist() == [False]
+    new = _regions(np.arange(44.0), np.full(40, 10.0), 0.05, "per_size", "calibrated")  # 89.5 % reached, not 90 %
     row = {"anomalous_flagged": 0, "n_anomalous": 0, "normal_flagged": 0, "n_normal": 0, "n_verification": 40, "verification_flagged": 0,
            "false_alarm_verified_upper_95": 0.07}
     cells = [table_rows([(name, dict(row, false_alarm_promised=p.target_rate, false_alarm_confidence=p.confidence))], False)[1][-2]
              for name, p in (("old", old), ("new", new))]
     assert cells == ["5.0%", "5.0% at 89.5%"]  # rounded down: a confidence short of 90 % never reads as 90 %
+
+
+def test_score_decision_flags_on_the_image_score_and_keeps_the_region_threshold_for_masks():
+    cal = HeldOut(np.arange(80.0), np.arange(80.0))
+    # Verification: the first image scores above every calibration image, the second has a very small NFA.
+    ver = HeldOut(np.r_[79.5, np.zeros(59)], np.r_[10.0, 0.5, np.full(58, 10.0)])
+    promise = make_promise(cal, ver, 0.05, "per_size", "calibrated", decision="score")
+    # n = 80 at 5 % with 90 %: k = 2, so the second largest score and the second smallest NFA.
+    assert promise.score_threshold == 78.0 and promise.log10_nfa_threshold == 1.0
+    assert promise.rate == pytest.approx(2 / 81) and promise.confidence == pytest.approx(1 - binom.cdf(1, 80, 0.05))
+    assert promise.verification_flagged == 1  # the score flags the first; a small NFA alone does not flag the second
+    assert promise.flags([78.5, 77.0], [10.0, 0.0]).tolist() == [True, False]
+    assert "decided on the image score, at the 2nd largest of 80 calibration values" in promise.note
+
+
+def test_score_decision_segments_only_flagged_images_and_always_shows_where():
+    rng = np.random.default_rng(4)
+    channels, side = 8, 32
+    stats = (rng.standard_normal((3, channels, side, side)) ** 2).sum(axis=1)
+    stats[0, 10:16, 10:16] *= 6.0  # a strong region in an image whose score stays low
+    stats[2, 4:12, 20:28] *= 6.0  # and in one whose score is high
+    cal = HeldOut(np.arange(60.0), _smallest(rng, 60, channels, side))
+    calibration = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0)
+    calibration.promise = make_promise(cal, HeldOut(np.zeros(1), np.zeros(1)), 0.05, "per_size", "theoretical", decision="score")
+    scores = [0.0, 100.0, 100.0]
+    segs = calibration.segment([stats], [channels], [(side, side)] * 3, None, "per_size", "theoretical", scores)
+    smallest = THEORETICAL.smallest_log10_nfa([stats], [channels], "per_size", "theoretical")
+    assert smallest[0] < calibration.promise.log10_nfa_threshold  # the region would be detected ...
+    assert not segs[0].regions and not segs[0].mask.any()  # ... but the image is not flagged
+    assert smallest[1] >= calibration.promise.log10_nfa_threshold  # noise: no region below the threshold ...
+    assert [r.log10_nfa for r in segs[1].regions] == pytest.approx([smallest[1]])  # ... so its most significant one shows
+    box = segs[2].regions[0].bbox  # x0, y0, x1, y1 around the planted square
+    assert box[0] <= 20 < 28 <= box[2] + 1 and box[1] <= 4 < 12 <= box[3] + 1
+    labels = [p.label for p in calibration.predictions(scores, [np.zeros((side, side))] * 3, [None] * 3, segs)]
+    assert labels == ["normal", "anomalous", "anomalous"]
+    with pytest.raises(ValueError, match="scores"):
+        calibration.segment([stats], [channels], [(side, side)] * 3, None, "per_size", "theoretical")

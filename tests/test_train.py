@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import SMALL
 
@@ -43,12 +44,13 @@ def test_fit_with_a_disk_cache_gives_a_working_model(brick, tmp_path, monkeypatc
     assert set(Path(tempfile.gettempdir()).glob("uflow-features-*")) <= before, "no disk cache left behind"
 
 
-def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_trains(tmp_path):
+@pytest.mark.parametrize("decision", ["region", "score"])
+def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_trains(tmp_path, decision):
     from uflow.textures import make_texture_dataset
 
     root = make_texture_dataset(tmp_path / "data", categories=("gravel",), n_train=8, n_good=1, n_per_defect=1, size=64, n_validation=7)
     category = root / "gravel"
-    model = uflow.fit(category, **SMALL)
+    model = uflow.fit(category, decision=decision, **SMALL)
     t = model.training
     held_out = {str(p.resolve()) for p in (category / "validation" / "good").glob("*.png")}
     used = set(t["val_images"]) | set(t["calibration_images"]) | set(t["verification_images"])
@@ -59,10 +61,17 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
     # What the run records is what predict then does: its verification images flagged as counted at fit time,
     # and at most k - 1 of its calibration images (the threshold is the k-th smallest of their values).
     promise = model.calibration.promise
-    flagged = sum(p.is_anomalous for p in model.predict(t["verification_images"]))
-    assert flagged == promise.verification_flagged
+    assert promise.decision == decision and (promise.score_threshold is not None) == (decision == "score")
+    predictions = model.predict(t["verification_images"])
+    assert sum(p.is_anomalous for p in predictions) == promise.verification_flagged
+    assert all(bool(p.regions) == p.is_anomalous for p in predictions)  # a flagged image always shows where
     k = round(promise.rate * (promise.calibration_images + 1))
     assert sum(p.is_anomalous for p in model.predict(t["calibration_images"])) <= k - 1
+    if decision == "score":  # labels without segmentation are the same, verified ones
+        images = t["calibration_images"] + t["verification_images"] + sorted(map(str, (category / "test").rglob("*.png")))
+        with_masks = [p.label for p in model.predict(images)]
+        assert [p.label for p in model.predict(images, segmentation=False)] == with_masks
+        assert {"normal", "anomalous"} == set(with_masks), with_masks  # both kinds, so the comparison means something
 
 
 def _random_cache(n: int, seed: int) -> FeatureCache:

@@ -4,17 +4,29 @@ Torch-free, so the ONNX inference path shares it with the PyTorch engine:
 both turn scores, maps and chi-square statistic maps into the same
 :class:`~uflow.result.Prediction` objects.
 
-The false-alarm promise. A normal image gets a false alarm when its most
-significant region (its smallest log10 NFA over the simplified tree) falls
-below the detection threshold. Neither the textbook null (independent chi2
-pixels) nor a null fitted on normal images describes a trained flow's latents
-exactly, so the threshold is not taken from the NFA's nominal meaning but set
-on *calibration* normal images the flow never fit and that neither chose the
-epoch nor fitted the null: with their smallest log10 NFAs sorted, T_(1) <= ...
-<= T_(n), detecting below T_(k) flags a new normal image with probability
-R_k, a random variable over calibration sets with law Beta(k, n + 1 - k)
-(tied values only make it smaller; only exchangeability of normal images is assumed; the threshold stays a
-log10 NFA, so regions keep their NFA and ranking).
+The false-alarm promise. A normal image gets a false alarm when it is
+flagged, and which statistic flags it is the run's *decision*:
+
+* ``"region"``: its most significant region (its smallest log10 NFA over the
+  simplified tree) falls below the detection threshold;
+* ``"score"``: its image score is above the score threshold; the mask of a
+  flagged image is its regions below the region threshold, or its most
+  significant region when none is (unflagged images have no regions), and
+  images scored without segmentation get the same verified labels.
+
+The default is the region: on the ELPV poly development set it detected
+59.2 % of the defective cells at its threshold against the score's 46.0 %
+(``benchmarks/decisions.py``, chosen by a rule fixed before the run).
+
+Neither the textbook null (independent chi2 pixels) nor a null fitted on
+normal images describes a trained flow's latents exactly, so no threshold is
+taken from the NFA's nominal meaning: each is set on *calibration* normal
+images the flow never fit and that neither chose the epoch nor fitted the
+null. With their values sorted, T_(1) <= ... <= T_(n), detecting beyond T_(k)
+flags a new normal image with probability R_k, a random variable over
+calibration sets with law Beta(k, n + 1 - k) (tied values only make it
+smaller; only exchangeability of normal images is assumed; the region
+threshold stays a log10 NFA, so regions keep their NFA and ranking).
 
 By default k is the largest rank with P(R_k > rate) = P(Binom(n, rate) <= k - 1)
 <= 1 - confidence: *this run's* rate is at most ``rate`` with that confidence
@@ -42,6 +54,9 @@ from .segmentation import TEST_COUNTS, Segmentation, TestCount, segment, smalles
 
 Null = Literal["calibrated", "theoretical"]
 NULLS: tuple[str, ...] = ("calibrated", "theoretical")
+Decision = Literal["region", "score"]
+DECISIONS: tuple[str, ...] = ("region", "score")
+DECISION = "region"  # see the module docstring
 FALSE_ALARM_RATE = 0.05  # default promise: at most 5 % of normal images get any detection
 PROMISE_CONFIDENCE = 0.9  # ... with this probability for the run at hand (None: on average over runs)
 CONFIDENCE = 0.95  # of the upper bound on the rate measured on verification images
@@ -92,9 +107,12 @@ def threshold_rank(n: int, rate: float, confidence: float | None) -> Rank:
     return Rank(k, k / (n + 1), float(1 - exceed[k - 1]))
 
 
-def conformal_threshold(smallest: Sequence[float], rate: float, confidence: float | None = PROMISE_CONFIDENCE) -> tuple[float, Rank]:
-    """(log10 NFA threshold, its rank) from calibration images' smallest log10 NFAs (see :func:`threshold_rank`)."""
-    values = np.sort(np.asarray(smallest, dtype=np.float64))
+def conformal_threshold(values: Sequence[float], rate: float, confidence: float | None = PROMISE_CONFIDENCE) -> tuple[float, Rank]:
+    """(threshold, its rank) from calibration images' values, flagged *below* it (see :func:`threshold_rank`).
+
+    For smallest log10 NFAs as they are; for image scores, flagged above, pass them negated.
+    """
+    values = np.sort(np.asarray(values, dtype=np.float64))
     rank = threshold_rank(values.size, rate, confidence)
     return float(values[rank.k - 1]), rank
 
@@ -143,6 +161,15 @@ class Promise:
     # images there were; None for the average-only rule (and for runs made before the PAC threshold).
     requested_confidence: float | None = None
     confidence: float | None = None
+    # What flags an image (see the module docstring); runs made before the choice existed decided on regions.
+    decision: str = "region"
+    score_threshold: float | None = None  # images scoring above it are flagged (decision "score")
+
+    def flags(self, scores: Sequence[float], smallest_log10_nfa: Sequence[float]) -> np.ndarray:
+        """Which images the promise's decision flags, from their image scores and smallest log10 NFAs."""
+        if self.decision == "score" and self.score_threshold is not None:
+            return np.asarray(scores, dtype=np.float64) > self.score_threshold
+        return np.asarray(smallest_log10_nfa, dtype=np.float64) < self.log10_nfa_threshold
 
     @property
     def target_rate(self) -> float:
@@ -160,24 +187,54 @@ class Promise:
         return dict(vars(self))
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Per held-out normal image, the two statistics a decision can use."""
+
+    scores: np.ndarray  # image scores (flagged above a threshold)
+    smallest_log10_nfa: np.ndarray  # most significant region's log10 NFA (flagged below a threshold)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", np.asarray(self.scores, dtype=np.float64))
+        object.__setattr__(self, "smallest_log10_nfa", np.asarray(self.smallest_log10_nfa, dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.smallest_log10_nfa)
+
+
 def make_promise(
-    calibration: Sequence[float],
-    verification: Sequence[float],
+    calibration: HeldOut,
+    verification: HeldOut,
     requested: float,
     test_count: str,
     null: str,
     confidence: float | None = PROMISE_CONFIDENCE,
+    decision: str = DECISION,
 ) -> Promise:
-    """Set the threshold on the calibration images' smallest log10 NFAs and measure it on the verification images'."""
-    threshold, rank = conformal_threshold(calibration, requested, confidence)
+    """Set the thresholds on the calibration images and measure the decision on the verification images.
+
+    The region threshold is always set (it draws the masks); with ``decision="score"`` the score
+    threshold, at the same rank rule, decides which images are flagged.
+    """
+    if decision not in DECISIONS:
+        raise UFlowError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+    threshold, rank = conformal_threshold(calibration.smallest_log10_nfa, requested, confidence)
+    score_threshold, end = None, "smallest"
+    if decision == "score":
+        negated, rank = conformal_threshold(-calibration.scores, requested, confidence)
+        score_threshold, end = -negated, "largest"
     n_cal, n_ver = len(calibration), len(verification)
-    flagged = int((np.asarray(verification, dtype=np.float64) < threshold).sum())
-    upper = binomial_upper_bound(flagged, n_ver)
-    measured = flagged / n_ver if n_ver else None
     promise = Promise(
-        requested, rank.mean_rate, threshold, test_count, null, n_cal, n_ver, flagged, measured, upper, "", confidence, rank.confidence
-    )
-    where = f"threshold at the {_ordinal(rank.k)}smallest of {n_cal} calibration values"
+        requested_rate=requested, rate=rank.mean_rate, log10_nfa_threshold=threshold, test_count=test_count, null=null,
+        calibration_images=n_cal, verification_images=n_ver, verification_flagged=0, verification_rate=None, verification_upper_95=1.0,
+        note="", requested_confidence=confidence, confidence=rank.confidence, decision=decision, score_threshold=score_threshold,
+    )  # fmt: skip
+    flagged = int(promise.flags(verification.scores, verification.smallest_log10_nfa).sum())
+    promise.verification_flagged = flagged
+    promise.verification_rate = flagged / n_ver if n_ver else None
+    promise.verification_upper_95 = upper = binomial_upper_bound(flagged, n_ver)
+    what = "image score" if decision == "score" else "most significant region"
+    where = f"decided on the {what}, at the {_ordinal(rank.k)}{end} of {n_cal} calibration values"
     if rank.confidence is None:
         note = f"promise: at most {_pct(rank.mean_rate)} of normal images flagged on average over runs, {where}"
         if rank.mean_rate > requested + 1e-12:
@@ -206,7 +263,7 @@ def _ordinal(k: int) -> str:
 class Calibration:
     """What held-out normal images said at training time (no anomalies involved)."""
 
-    score_threshold: float  # largest validation image score: above it, "anomalous" without segmentation
+    score_threshold: float  # largest validation image score: above it, "anomalous" without segmentation when the promise has no score threshold
     display_low: float  # median validation map value, the bottom of the overlay colour scale
     display_high: float  # largest top-1 % mean of a validation image's smoothed map: the scale's top is twice it
     # Per scale, S = sum_c z^2 on held-out normal images matched by a * chi2(nu) in mean and
@@ -233,6 +290,13 @@ class Calibration:
         out = dict(vars(self))
         out["promise"] = self.promise.to_dict() if self.promise is not None else None
         return out
+
+    @property
+    def image_threshold(self) -> float:
+        """The score above which an image is anomalous when it is not segmented: the promise's, else the largest validation score."""
+        if self.promise is not None and self.promise.score_threshold is not None:
+            return self.promise.score_threshold
+        return self.score_threshold
 
     def log10_threshold(self, epsilon: float | None, test_count: TestCount, null: Null) -> float:
         """The detection threshold on log10 NFA: log10 epsilon when given (the paper's rule), else the promise's."""
@@ -261,14 +325,23 @@ class Calibration:
         epsilon: float | None,
         test_count: TestCount,
         null: Null,
+        scores: Sequence[float] | None = None,
     ) -> list[Segmentation]:
         """A contrario segmentation of a batch of chi-square statistic maps under the chosen null.
 
-        ``epsilon`` None detects at the run's verified threshold (see :class:`Promise`).
+        ``epsilon`` None detects as the run's promise decides (see :class:`Promise`),
+        which needs the images' ``scores`` when it decides on them.
         """
         threshold = self.log10_threshold(epsilon, test_count, null)
         stats, dofs, per_sample = self._null(stats, channels, null)
-        return segment(stats, dofs, sizes, log10_epsilon=threshold, test_count=test_count, pixels_per_sample=per_sample)
+        thresholds, keep = threshold, None
+        promise = self.promise
+        if epsilon is None and promise is not None and promise.decision == "score" and promise.score_threshold is not None:
+            if scores is None:
+                raise ValueError("this run decides on image scores: pass them")
+            keep = np.asarray(scores, dtype=np.float64) > promise.score_threshold
+            thresholds = np.where(keep, threshold, -np.inf)  # only flagged images have regions
+        return segment(stats, dofs, sizes, log10_epsilon=thresholds, test_count=test_count, pixels_per_sample=per_sample, keep_most_significant=keep)
 
     def smallest_log10_nfa(self, stats: Sequence[np.ndarray], channels: Sequence[int], test_count: TestCount, null: Null) -> np.ndarray:
         """Per image, the log10 NFA of its most significant region: it is flagged iff this is below the threshold."""
@@ -292,6 +365,6 @@ class Calibration:
                 label = "anomalous" if seg.regions else "normal"
                 out.append(Prediction(float(scores[i]), maps[i], label, path, seg.mask, seg.log10_nfa, seg.regions, image))
             else:
-                label = "anomalous" if scores[i] > self.score_threshold else "normal"
+                label = "anomalous" if scores[i] > self.image_threshold else "normal"
                 out.append(Prediction(float(scores[i]), maps[i], label, path, image=image))
         return out

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .calibration import FALSE_ALARM_RATE, NULLS, PROMISE_CONFIDENCE
+from .calibration import DECISION, DECISIONS, FALSE_ALARM_RATE, NULLS, PROMISE_CONFIDENCE
 from .errors import UFlowError
 
 try:
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_confidence,
         default=PROMISE_CONFIDENCE,
         help="probability that this run keeps the promise (default 0.9; 'average' for the rate on average over runs, split conformal)",
+    )
+    fit.add_argument(
+        "--decision",
+        choices=list(DECISIONS),
+        default=DECISION,
+        help=f"what flags an image at the automatic threshold: its most significant region or its score (default {DECISION})",
     )
     fit.add_argument("--calibration-fraction", type=float, default=0.25, help="share of normal images that set the threshold (default 0.25)")
     fit.add_argument(
@@ -296,6 +302,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
             verification_fraction=args.verification_fraction,
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
+            decision=args.decision,
             seed=args.seed,
             device=args.device,
             weights=args.weights,

@@ -142,13 +142,14 @@ def evaluate(
     val_paths, fair_source = _validation_images(model, category)
     # Test and validation images go through the model as one stream, so its batches stay full.
     resized = (model_resolution(p, size, square) for p in [*(it.path for it in items), *val_paths])
-    scores, maps, nfas, truths, panels_in, val_nfa = [], [], [], [], [], []
+    scores, maps, nfas, detected, truths, panels_in, val_nfa = [], [], [], [], [], [], []
     bar = tqdm(total=len(items) + len(val_paths), desc="evaluate", unit="img", disable=not progress, leave=False)
     for k, pred in enumerate(model.iter_predict(resized, keep_images=True, **options)):
         if k < len(items):
             scores.append(pred.score)
             maps.append(pred.anomaly_map)
             nfas.append(pred.log10_nfa)
+            detected.append(pred.mask)
             truths.append(_truth_mask(items[k], size))
             panels_in.append((np.round(pred.image * 255).astype(np.uint8), pred))
         else:
@@ -159,8 +160,7 @@ def evaluate(
     scores = np.array(scores)
     anomalous = np.array([it.anomalous for it in items])
     log_eps = model.calibration.log10_threshold(epsilon, test_count, null)
-    detected = [v < log_eps for v in nfas]
-    flagged = np.array([d.any() for d in detected])
+    flagged = np.array([d.any() for d in detected])  # as the run decides (see uflow.calibration), which may not be log_eps alone
     promise = model.calibration.promise if epsilon is None else None
     n_normal, normal_flagged = int((~anomalous).sum()), int(flagged[~anomalous].sum())
     test_rate = normal_flagged / n_normal if n_normal else float("nan")
@@ -185,9 +185,9 @@ def evaluate(
         "detected": float(flagged[anomalous].mean()) if anomalous.any() else float("nan"),
         # Power any threshold on the image score reaches without flagging more test normals than the automatic one.
         "score_tpr_at_same_fpr": float(roc.y[roc.x <= test_rate + 1e-12].max()) if anomalous.any() and n_normal else float("nan"),
-        # The image-level rule without segmentation: score above every held-out normal image's score.
-        "anomalous_over_score_threshold": int((scores[anomalous] > model.calibration.score_threshold).sum()),
-        "normal_over_score_threshold": int((scores[~anomalous] > model.calibration.score_threshold).sum()),
+        # The image-level rule without segmentation (the promise's score threshold, else the largest validation score).
+        "anomalous_over_score_threshold": int((scores[anomalous] > model.calibration.image_threshold).sum()),
+        "normal_over_score_threshold": int((scores[~anomalous] > model.calibration.image_threshold).sum()),
         "n_val": len(val_nfa),
     }
     thresholds = {"auto": log_eps, "fair": fair_threshold(val_nfa)}
@@ -202,7 +202,7 @@ def evaluate(
             pixel_auroc=pixels.auroc(),
             aupro=pixels.aupro(),
             f1_max=pixels.f1_max(),
-            miou_auto=miou_at(nfas, truths, thresholds["auto"]),
+            miou_auto=float(iou_per_image(detected, truths).mean()),
             miou_fair=miou_at(nfas, truths, thresholds["fair"]),
             miou_oracle=float(curve.y[best]),
         )
@@ -223,6 +223,8 @@ def evaluate(
         "resolution": f"{size}x{size} (masks resized by nearest neighbour)",
         "epsilon": epsilon,
         "log10_nfa_threshold": log_eps,
+        "decision": promise.decision if promise else "region",
+        "score_threshold": promise.score_threshold if promise else None,
         "threshold_from": promise.note if promise else ("epsilon" if epsilon is not None else "epsilon = 1 (run without a promise)"),
         "test_count": test_count,
         "null": null,
@@ -235,7 +237,7 @@ def evaluate(
         if report:
             order = _worst_first(scores, anomalous, flagged, iou)[:max_panels]
             panels = [Panel(panels_in[k][0], truths[k], maps[k], detected[k], records[k]) for k in order]
-            write_report(out, result, panels, (model.calibration.display_low, model.calibration.display_high), model.calibration.score_threshold)
+            write_report(out, result, panels, (model.calibration.display_low, model.calibration.display_high), model.calibration.image_threshold)
     return result
 
 

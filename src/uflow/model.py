@@ -222,10 +222,10 @@ class UFlowModel:
                 if segment_options is None:
                     yield from self.calibration.predictions(scores, maps, paths, None, images)
                 elif pool is None:
-                    segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, *segment_options)
+                    segs = self.calibration.segment(stats, self.flow.latent_channels, sizes, *segment_options, scores)
                     yield from self.calibration.predictions(scores, maps, paths, segs, images)
                 else:
-                    job = pool.submit(self.calibration.segment, stats, self.flow.latent_channels, sizes, *segment_options)
+                    job = pool.submit(self.calibration.segment, stats, self.flow.latent_channels, sizes, *segment_options, scores)
                     in_flight.append((job, (scores, maps, paths, images)))
                     while len(in_flight) > workers:  # keep the workers busy, the memory bounded
                         job, (scores, maps, paths, images) = in_flight.popleft()

@@ -130,6 +130,6 @@ class OnnxModel:
         segs = None
         if segment_options is not None:
             sizes = [img.shape[:2] for img, _ in items]
-            segs = self.calibration.segment(stats, self.latent_channels, sizes, *segment_options)
+            segs = self.calibration.segment(stats, self.latent_channels, sizes, *segment_options, scores)
         images = [img for img, _ in items] if keep_images else None
         return self.calibration.predictions(scores, list(maps), [path for _, path in items], segs, images)

@@ -116,7 +116,7 @@ def _figures(evaluation: Evaluation, folder: Path, score_threshold: float) -> li
     bins = np.linspace(scores.min(), scores.max() + 1e-9, 30)
     ax.hist(scores[~anomalous], bins=bins, alpha=0.6, label=f"normal ({(~anomalous).sum()})", color="#2a9d8f")
     ax.hist(scores[anomalous], bins=bins, alpha=0.6, label=f"anomalous ({anomalous.sum()})", color="#e76f51")
-    ax.axvline(score_threshold, color="#333", lw=1, ls="--", label="largest validation score")
+    ax.axvline(score_threshold, color="#333", lw=1, ls="--", label="image threshold of the run")
     ax.set(xlabel="image score (spreads of held-out normal scores above their mean)", ylabel="images", title="Image scores")
     ax.legend(fontsize=8)
     save(fig, "scores.png", "Image scores of normal and anomalous test images")
@@ -169,6 +169,18 @@ _METRIC_NOTES = (
 )
 
 
+def _automatic(settings: dict) -> str:
+    """What flags an image at the automatic threshold, in HTML."""
+    regions = f"log10 NFA &lt; {settings['log10_nfa_threshold']:.3g}"
+    score = settings.get("score_threshold")
+    decision = settings.get("decision", "region")
+    if score is None or decision == "region":
+        return regions
+    if decision == "score":
+        return f"image score &gt; {score:.3g} (masks: regions with {regions}, else the most significant one)"
+    return f"image score &gt; {score:.3g} or a region with {regions}"
+
+
 def write_report(
     out: Path, evaluation: Evaluation, panels: Sequence[Panel], display: tuple[float, float], score_threshold: float
 ) -> Path:
@@ -201,7 +213,7 @@ def write_report(
             f'<p class="sub">{html.escape(s["backbone"])} at {s["image_size"]} px &middot; trained on {html.escape(str(s.get("trained_on")))} '
             f"&middot; test count {html.escape(s['test_count'])}, null {html.escape(s['null'])} "
             f"&middot; fair threshold from {html.escape(s['fair_threshold_from'])}</p>",
-            f'<p class="sub">Automatic threshold: log10 NFA &lt; {s["log10_nfa_threshold"]:.3g}; {html.escape(s["threshold_from"])}</p>',
+            f'<p class="sub">Automatic threshold: {_automatic(s)}; {html.escape(s["threshold_from"])}</p>',
             _table_html([(evaluation.category, evaluation.metrics)], with_mean=False),
             f"<p class=sub>{_METRIC_NOTES}</p>",
             '<div class="figs">' + "".join(f'<img src="{ASSETS}/{n}" alt="{html.escape(c)}" title="{html.escape(c)}">' for n, c in figures) + "</div>",

@@ -443,9 +443,10 @@ def segment(
     chi2_maps: Sequence[np.ndarray],
     channels: Sequence[float],
     output_sizes: Sequence[tuple[int, int]],
-    log10_epsilon: float = 0.0,
+    log10_epsilon: float | Sequence[float] = 0.0,
     test_count: TestCount = "per_size",
     pixels_per_sample: Sequence[float] | None = None,
+    keep_most_significant: Sequence[bool] | None = None,
 ) -> list[Segmentation]:
     """A contrario segmentation of a batch.
 
@@ -458,21 +459,33 @@ def segment(
     leaf covers), the mask of the leaves with ``log10 NFA < log10_epsilon``
     (equal to thresholding that map, up to its float32 rounding) and those
     leaves as regions, sorted by NFA.
+
+    ``log10_epsilon`` may be one threshold per image (-inf: no detection).
+    Where ``keep_most_significant`` is true and no leaf of the image is below
+    its threshold, the image's most significant leaf (and any tied with it)
+    is its detection: an image flagged on other grounds still shows where.
     """
-    if np.isnan(log10_epsilon):
+    batch = len(output_sizes)
+    thresholds = np.broadcast_to(np.asarray(log10_epsilon, dtype=np.float64), (batch,))
+    if np.isnan(thresholds).any():
         raise ValueError("log10 epsilon must be a number")
+    keep = np.zeros(batch, dtype=bool) if keep_most_significant is None else np.asarray(keep_most_significant, dtype=bool)
     scorers = _scorers(chi2_maps, channels, test_count, pixels_per_sample)
     results = []
     for b, out in enumerate(output_sizes):
+        per_level = [simplify_tree(np.asarray(maps[b]), scorer) for maps, scorer in zip(chi2_maps, scorers)]
+        threshold = thresholds[b]
+        smallest = min(float(leaves.log10_nfa.min()) for leaves in per_level)
+        if keep[b] and not smallest < threshold:
+            threshold = np.nextafter(smallest, np.inf)
         nfa_map = np.full(out, np.inf, dtype=np.float32)
         mask = np.zeros(out, dtype=bool)
         regions: list[Region] = []
-        for level, (maps, scorer) in enumerate(zip(chi2_maps, scorers)):
-            leaves = simplify_tree(np.asarray(maps[b]), scorer)
+        for level, (maps, leaves) in enumerate(zip(chi2_maps, per_level)):
             pixels, leaf = leaves.pixel_runs()
             grid = np.full(maps.shape[1] * maps.shape[2], np.inf, dtype=np.float32)
             grid[pixels] = leaves.log10_nfa[leaf]
-            significant = leaves.log10_nfa < log10_epsilon
+            significant = leaves.log10_nfa < threshold
             labels = None
             if significant.any():  # region k is label numbers[k], 0 elsewhere
                 numbers = np.cumsum(significant)

@@ -32,8 +32,8 @@ from .backbones import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor, Weights
 from .errors import UFlowError
 from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
-from .calibration import FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, check_rate, images_to_verify, make_promise
-from .model import UFlowModel, resolve_device, to_model_input
+from .calibration import DECISION, DECISIONS, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
+from .model import UFlowModel, resolve_device, score_map_latents, to_model_input
 from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
 from .segmentation import correlation_area
 
@@ -152,6 +152,7 @@ def fit(
     verification_fraction: float = 0.15,
     false_alarm_rate: float = FALSE_ALARM_RATE,
     confidence: float | None = PROMISE_CONFIDENCE,
+    decision: str = DECISION,
     patience: int = 10,
     n_steps: int = 4,
     position: Position = "auto",
@@ -181,7 +182,9 @@ def fit(
 
     ``false_alarm_rate`` is the promise: the share of normal images allowed
     any detection at the default threshold, for this run with probability
-    ``confidence`` (None: on average over runs, see :mod:`uflow.calibration`).
+    ``confidence`` (None: on average over runs, see :mod:`uflow.calibration`);
+    ``decision`` says what flags an image: its most significant region or its
+    score (see :mod:`uflow.calibration`).
     ``calibration_fraction`` of the images set that threshold and
     ``verification_fraction`` (0 allowed) check it; the result is
     ``model.calibration.promise``. When they are too few to certify or to
@@ -197,6 +200,8 @@ def fit(
         if not low < value < 1:
             raise UFlowError(f"{name} fraction must be between 0 and 1, got {value}")
     check_rate(false_alarm_rate, confidence)
+    if decision not in DECISIONS:
+        raise UFlowError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     if position not in POSITIONS:
         raise UFlowError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
     if epochs < 1 or batch_size < 1:
@@ -279,13 +284,11 @@ def fit(
 
     calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size)
     del train_feats, val_feats, map_train, map_val
-    smallest = [
-        _smallest_log10_nfa(
-            flow, calibration, extract_features(extractor, group, size, dev, batch_size, progress).select(spec.map_scales), dev, batch_size
-        )
+    held_out = [
+        _held_out(flow, score_flow_model, spec, calibration, extract_features(extractor, group, size, dev, batch_size, progress), size, dev, batch_size)
         for group in (cal_paths, ver_paths)
     ]
-    promise = make_promise(*smallest, false_alarm_rate, "per_size", "calibrated", confidence)
+    promise = make_promise(*held_out, false_alarm_rate, "per_size", "calibrated", confidence, decision)
     if promise.shortfall or promise.verification_images < images_to_verify(promise.target_rate):
         warnings.warn(promise.note, stacklevel=2)
     calibration.promise = promise
@@ -541,11 +544,15 @@ def _calibrate(
 
 
 @torch.no_grad()
-def _smallest_log10_nfa(flow: UFlow, calibration: Calibration, feats: FeatureCache, dev: torch.device, batch_size: int) -> list[float]:
-    """Each image's smallest log10 NFA with the default segmentation settings."""
-    out: list[float] = []
+def _held_out(
+    flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, calibration: Calibration, feats: FeatureCache, size: int, dev: torch.device, batch_size: int
+) -> HeldOut:
+    """Each image's score and smallest log10 NFA with the default segmentation settings."""
+    scores: list[float] = []
+    smallest: list[float] = []
     for start in range(0, len(feats), batch_size):
-        z, _ = flow(feats.batch(slice(start, start + batch_size), dev))
+        score, _, z = score_map_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow, calibration, size)
+        scores.extend(score.tolist())
         stats = [s.cpu().numpy() for s in chi2_statistics(z)]
-        out.extend(calibration.smallest_log10_nfa(stats, flow.latent_channels, "per_size", "calibrated").tolist())
-    return out
+        smallest.extend(calibration.smallest_log10_nfa(stats, flow.latent_channels, "per_size", "calibrated").tolist())
+    return HeldOut(np.array(scores), np.array(smallest))
