@@ -1,4 +1,4 @@
-"""Fit and predict speed of the default model on 256x256 real-texture images (CPU by default).
+"""Fit and predict speed of the default model (or ``--backbone``'s) on 256x256 real-texture images (CPU by default).
 
     python benchmarks/fit_predict.py --runs 3
     python benchmarks/fit_predict.py --device cuda --predict 2048 --batch-size 64 --precision bf16 --workers 8
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone for predict")
     parser.add_argument("--workers", type=int, default=0, help="segmentation worker processes")
     parser.add_argument("--no-score-flow", action="store_true", help="fit the map flow alone (what the score flow costs)")
+    parser.add_argument("--backbone", default=uflow.DEFAULT_BACKBONE, help="to measure another backbone's fit within the budget")
     args = parser.parse_args()
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}{gpu}")
@@ -62,7 +63,7 @@ def main() -> None:
         fit_s, from_files, from_memory = [], [], []
         for run in range(args.runs):
             t = time.perf_counter()
-            model = uflow.fit(train, epochs=args.epochs, device=args.device, progress=False, score_flow=not args.no_score_flow)
+            model = uflow.fit(train, epochs=args.epochs, device=args.device, progress=False, score_flow=not args.no_score_flow, backbone=args.backbone)
             fit_s.append(time.perf_counter() - t)
             model.accelerate(args.precision, compile=args.compile)
             model.predict(decoded[: 2 * args.batch_size], **options)  # warm-up (and compilation)
@@ -77,7 +78,7 @@ def main() -> None:
     print(f"median fit: {statistics.median(fit_s):.1f} s for {args.train} images; median predict with segmentation at 256 px: "
           f"{statistics.median(from_files):.1f} img/s from files, {statistics.median(from_memory):.1f} img/s from decoded images "
           f"(batch {args.batch_size}, {args.precision}{', compiled' if args.compile else ''}, {args.workers} segmentation workers"
-          f"{', no score flow' if args.no_score_flow else ''})")
+          f"{', no score flow' if args.no_score_flow else ''}, {args.backbone})")
 
 
 if __name__ == "__main__":
