@@ -72,6 +72,13 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
         with_masks = [p.label for p in model.predict(images)]
         assert [p.label for p in model.predict(images, segmentation=False)] == with_masks
         assert {"normal", "anomalous"} == set(with_masks), with_masks  # both kinds, so the comparison means something
+        from uflow.evaluate import evaluate
+
+        result = evaluate(model, category, tmp_path / "evaluation", progress=False)
+        tests = sorted((category / "test").rglob("*.png"))
+        flagged = {str(p.path) for p in model.predict(tests) if p.is_anomalous}
+        assert {r["path"] for r in result.images if r["flagged"]} == flagged  # evaluate flags as predict decides
+        assert "Automatic threshold: image score &gt;" in (tmp_path / "evaluation" / "report.html").read_text()
 
 
 def _random_cache(n: int, seed: int) -> FeatureCache:

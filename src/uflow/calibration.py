@@ -56,7 +56,7 @@ Null = Literal["calibrated", "theoretical"]
 NULLS: tuple[str, ...] = ("calibrated", "theoretical")
 Decision = Literal["region", "score"]
 DECISIONS: tuple[str, ...] = ("region", "score")
-DECISION = "region"  # see the module docstring
+DECISION: Decision = "region"  # see the module docstring
 FALSE_ALARM_RATE = 0.05  # default promise: at most 5 % of normal images get any detection
 PROMISE_CONFIDENCE = 0.9  # ... with this probability for the run at hand (None: on average over runs)
 CONFIDENCE = 0.95  # of the upper bound on the rate measured on verification images
@@ -209,7 +209,7 @@ def make_promise(
     test_count: str,
     null: str,
     confidence: float | None = PROMISE_CONFIDENCE,
-    decision: str = DECISION,
+    decision: Decision = DECISION,
 ) -> Promise:
     """Set the thresholds on the calibration images and measure the decision on the verification images.
 

@@ -173,12 +173,9 @@ def _automatic(settings: dict) -> str:
     """What flags an image at the automatic threshold, in HTML."""
     regions = f"log10 NFA &lt; {settings['log10_nfa_threshold']:.3g}"
     score = settings.get("score_threshold")
-    decision = settings.get("decision", "region")
-    if score is None or decision == "region":
+    if settings.get("decision") != "score" or score is None:
         return regions
-    if decision == "score":
-        return f"image score &gt; {score:.3g} (masks: regions with {regions}, else the most significant one)"
-    return f"image score &gt; {score:.3g} or a region with {regions}"
+    return f"image score &gt; {score:.3g} (masks: regions with {regions}, else the most significant one)"
 
 
 def write_report(

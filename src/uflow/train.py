@@ -32,7 +32,7 @@ from .backbones import DEFAULT_BACKBONE, BackboneSpec, FeatureExtractor, Weights
 from .errors import UFlowError
 from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
-from .calibration import DECISION, DECISIONS, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
+from .calibration import DECISION, DECISIONS, Decision, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, score_map_latents, to_model_input
 from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
 from .segmentation import correlation_area
@@ -152,7 +152,7 @@ def fit(
     verification_fraction: float = 0.15,
     false_alarm_rate: float = FALSE_ALARM_RATE,
     confidence: float | None = PROMISE_CONFIDENCE,
-    decision: str = DECISION,
+    decision: Decision = DECISION,
     patience: int = 10,
     n_steps: int = 4,
     position: Position = "auto",
