@@ -52,7 +52,9 @@ def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
     assert len(rows) == n_images and {r["label"] for r in rows} <= {"normal", "anomalous"}
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["images"]) == n_images and summary["epsilon"] is None
-    assert summary["log10_nfa_threshold"] == uflow.load(run).calibration.promise.log10_nfa_threshold
+    calibration = uflow.load(run).calibration
+    assert summary["log10_nfa_threshold"] == calibration.promise.log10_nfa_threshold
+    assert summary["decision"] == "region" and summary["score_threshold"] == calibration.score_threshold  # fit's default
     assert len({r["outputs"]["map"] for r in summary["images"]}) == n_images, "same-named files never collide"
     overlay = np.asarray(Image.open(out / "good" / "000_overlay.png"))
     assert overlay.shape == (96, 96, 3)

@@ -360,6 +360,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         "segmentation": not args.no_segmentation,
         "epsilon": args.epsilon,
         "log10_nfa_threshold": model.calibration.log10_threshold(args.epsilon, args.test_count, args.null) if not args.no_segmentation else None,
+        # Labels come from this score threshold when the run decides on the score, or when nothing is segmented.
+        "decision": promise.decision if (promise := model.calibration.promise) is not None and args.epsilon is None else "region",
+        "score_threshold": model.calibration.image_threshold,
         "test_count": args.test_count,
         "null": args.null,
     }
