@@ -44,6 +44,8 @@ def main() -> None:
 
     model = uflow.load(args.run)
     was = model.calibration.promise
+    if was is None:
+        raise SystemExit(f"{args.run}: the run has no false-alarm promise (made before uflow set one); refit it")
     cal, ver = held_out(model, "calibration_images"), held_out(model, "verification_images")
     rows = {}
     for decision in DECISIONS:

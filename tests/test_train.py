@@ -64,7 +64,9 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
     assert promise.decision == decision and (promise.score_threshold is not None) == (decision == "score")
     predictions = model.predict(t["verification_images"])
     assert sum(p.is_anomalous for p in predictions) == promise.verification_flagged
-    assert all(bool(p.regions) == p.is_anomalous for p in predictions)  # a flagged image always shows where
+    assert all(p.mask.any() for p in predictions if p.is_anomalous)  # a flagged image always shows where
+    if decision == "score":
+        assert [p.is_anomalous for p in predictions] == [p.score > promise.score_threshold for p in predictions]
     k = round(promise.rate * (promise.calibration_images + 1))
     assert sum(p.is_anomalous for p in model.predict(t["calibration_images"])) <= k - 1
     if decision == "score":  # labels without segmentation are the same, verified ones

@@ -162,7 +162,7 @@ class Promise:
     requested_confidence: float | None = None
     confidence: float | None = None
     # What flags an image (see the module docstring); runs made before the choice existed decided on regions.
-    decision: str = "region"
+    decision: Decision = "region"
     score_threshold: float | None = None  # images scoring above it are flagged (decision "score")
 
     def flags(self, scores: Sequence[float], smallest_log10_nfa: Sequence[float]) -> np.ndarray:
@@ -197,6 +197,8 @@ class HeldOut:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scores", np.asarray(self.scores, dtype=np.float64))
         object.__setattr__(self, "smallest_log10_nfa", np.asarray(self.smallest_log10_nfa, dtype=np.float64))
+        if self.scores.shape != self.smallest_log10_nfa.shape:
+            raise ValueError(f"{self.scores.size} scores for {self.smallest_log10_nfa.size} smallest log10 NFAs")
 
     def __len__(self) -> int:
         return len(self.smallest_log10_nfa)
@@ -219,10 +221,10 @@ def make_promise(
     if decision not in DECISIONS:
         raise UFlowError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     threshold, rank = conformal_threshold(calibration.smallest_log10_nfa, requested, confidence)
-    score_threshold, end = None, "smallest"
+    score_threshold, side = None, "smallest"
     if decision == "score":
         negated, rank = conformal_threshold(-calibration.scores, requested, confidence)
-        score_threshold, end = -negated, "largest"
+        score_threshold, side = -negated, "largest"
     n_cal, n_ver = len(calibration), len(verification)
     promise = Promise(
         requested_rate=requested, rate=rank.mean_rate, log10_nfa_threshold=threshold, test_count=test_count, null=null,
@@ -234,7 +236,7 @@ def make_promise(
     promise.verification_rate = flagged / n_ver if n_ver else None
     promise.verification_upper_95 = upper = binomial_upper_bound(flagged, n_ver)
     what = "image score" if decision == "score" else "most significant region"
-    where = f"decided on the {what}, at the {_ordinal(rank.k)}{end} of {n_cal} calibration values"
+    where = f"decided on the {what}, at the {_ordinal(rank.k)}{side} of {n_cal} calibration values"
     if rank.confidence is None:
         note = f"promise: at most {_pct(rank.mean_rate)} of normal images flagged on average over runs, {where}"
         if rank.mean_rate > requested + 1e-12:
@@ -362,7 +364,7 @@ class Calibration:
             image = None if images is None else images[i]
             if segs is not None:
                 seg = segs[i]
-                label = "anomalous" if seg.regions else "normal"
+                label = "anomalous" if seg.flagged else "normal"
                 out.append(Prediction(float(scores[i]), maps[i], label, path, seg.mask, seg.log10_nfa, seg.regions, image))
             else:
                 label = "anomalous" if scores[i] > self.image_threshold else "normal"

@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .calibration import DECISION, DECISIONS, FALSE_ALARM_RATE, NULLS, PROMISE_CONFIDENCE
@@ -342,6 +343,11 @@ def _load_predict_model(args: argparse.Namespace, device: str):
     return model.accelerate(args.precision, compile=args.compile)
 
 
+def _labels_by_score(model: Any, args: argparse.Namespace) -> bool:
+    promise = model.calibration.promise
+    return args.no_segmentation or (args.epsilon is None and promise is not None and promise.decision == "score")
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from functools import partial
 
@@ -355,14 +361,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     model = _load_predict_model(args, "cpu" if args.engine == "ray" else args.device)
     paths = iter_inputs(args.images)
     layout = OutputLayout(input_base(args.images), kinds, (model.calibration.display_low, model.calibration.display_high))
+    by_score = _labels_by_score(model, args)
     meta = {
         "model": str(Path(args.run_dir).resolve()),
         "segmentation": not args.no_segmentation,
         "epsilon": args.epsilon,
         "log10_nfa_threshold": model.calibration.log10_threshold(args.epsilon, args.test_count, args.null) if not args.no_segmentation else None,
-        # Labels come from this score threshold when the run decides on the score, or when nothing is segmented.
-        "decision": promise.decision if (promise := model.calibration.promise) is not None and args.epsilon is None else "region",
-        "score_threshold": model.calibration.image_threshold,
+        # What labelled the images: the score (and its threshold) when nothing is segmented or the run decides on it.
+        "decision": "score" if by_score else "region",
+        "score_threshold": model.calibration.image_threshold if by_score else None,
+        "score_threshold_verified": by_score and getattr(model.calibration.promise, "score_threshold", None) is not None,
         "test_count": args.test_count,
         "null": args.null,
     }

@@ -167,7 +167,7 @@ def evaluate(
     roc = image_roc(scores, anomalous)
     metrics: dict[str, Any] = {
         "image_auroc": image_auroc(scores, anomalous),
-        # The image's most significant region as a score: what the automatic threshold decides on.
+        # The image's most significant region as a score: what the automatic threshold decides on by default.
         "image_auroc_nfa": image_auroc([-float(np.min(v)) for v in nfas], anomalous),
         "n_normal": n_normal,
         "n_anomalous": int(anomalous.sum()),

@@ -126,7 +126,11 @@ def _figures(evaluation: Evaluation, folder: Path, score_threshold: float) -> li
         finite = np.isfinite(miou.x)
         fig, ax = plt.subplots(figsize=(4.2, 4))
         ax.plot(miou.x[finite], miou.y[finite])
+        # A run that decides on the score segments only flagged images: its automatic mIoU is not a point of this curve.
+        shown = ("fair", "oracle") if evaluation.settings.get("decision") == "score" else ("auto", "fair", "oracle")
         for name, colour in (("auto", "#d62728"), ("fair", "#2ca02c"), ("oracle", "#9467bd")):
+            if name not in shown:
+                continue
             t = evaluation.thresholds.get(name)
             if t is not None and np.isfinite(t):
                 ax.axvline(t, color=colour, ls="--", lw=1, label=f"{name}: log10 NFA < {t:.2g}")
@@ -161,7 +165,8 @@ def _table_html(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool, lin
 _METRIC_NOTES = (
     "AUROC, AUPRO (per-region overlap to FPR 0.3, normalised) and F1-max in percent; mIoU per image, normal images "
     "included (1 when nothing is detected), at the automatic threshold (the run's verified one, or log10 &epsilon; when given), at a threshold set on held-out "
-    "normal training images (fair) and at the best threshold on this test set (oracle, an upper bound, never used to choose anything). "
+    "normal training images (fair) and at the best single log10 NFA threshold on this test set (oracle, never used to choose anything; "
+    "a run that decides on the image score only segments flagged images, so its automatic mIoU can exceed it). "
     "False alarms (FA): the share of normal images with any detection the run promised (at most that share for this run "
     "with the stated confidence over calibration sets; without one, on average over runs), the share of its verification images "
     "(normal images that took no part in training, stopping or calibration) flagged, with a one-sided 95 % Clopper-Pearson bound, "

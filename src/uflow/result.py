@@ -25,10 +25,15 @@ class Prediction:
     raw score is the mean of the highest 1 % of its unsmoothed map on the model's
     input grid; see :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
     Number of False Alarms (inf where no candidate region covers the pixel),
-    ``mask`` is ``log10_nfa < log10(epsilon)`` and ``regions`` the detections;
-    ``label`` is "anomalous" when there is at least one detection. Without
-    segmentation the label compares ``score`` with the threshold set on
-    held-out normal images at training time. ``image`` is the RGB image as
+    ``mask`` the detections' pixels and ``regions`` the detections; ``label``
+    is "anomalous" when the image is flagged. By default the run's promise
+    decides (see :mod:`uflow.calibration`): on regions, the mask is
+    ``log10_nfa`` below its threshold and an image is flagged when it has a
+    detection; on the score, a flagged image's mask is its regions below that
+    threshold, or its most significant one. With ``epsilon`` the mask is
+    ``log10_nfa < log10(epsilon)``. Without segmentation the label compares
+    ``score`` with the run's score threshold (see
+    :attr:`uflow.calibration.Calibration.image_threshold`). ``image`` is the RGB image as
     scored, float32 (H, W, 3) in [0, 1], kept only when asked for
     (``keep_images=True``), to draw overlays without reading the file again.
     """

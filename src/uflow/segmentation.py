@@ -91,6 +91,8 @@ class Segmentation:
     log10_nfa: np.ndarray
     mask: np.ndarray
     regions: list[Region] = field(default_factory=list)
+    # Whether the image is flagged: it has a detection, or it was flagged on other grounds (keep_most_significant in segment).
+    flagged: bool = False
 
 
 # --------------------------------------------------------------------------- statistics
@@ -498,7 +500,8 @@ def segment(
                 mask |= upsampled > 0  # decided in float64, so mask and regions agree at the threshold itself
                 regions.extend(_regions(leaves.log10_nfa[significant], upsampled, level))
         regions.sort(key=lambda r: r.log10_nfa)
-        results.append(Segmentation(nfa_map, mask, regions))
+        # A kept leaf can cover no output pixel when the image is smaller than the latent grid; the image stays flagged.
+        results.append(Segmentation(nfa_map, mask, regions, bool(regions) or bool(keep[b])))
     return results
 
 
