@@ -14,6 +14,7 @@ from uflow.segmentation import (
     node_nfa,
     segment,
     simplify_tree,
+    smallest_log10_nfa,
     upsample_for_threshold,
 )
 
@@ -250,3 +251,14 @@ def test_masks_are_not_blocks_of_the_stride():
     mask = values < 0
     assert mask[96:160, 96:160].mean() > 0.85 and not mask[:88].any() and not mask[168:].any()
     assert not mask[96, 96] and mask[128, 128], "corners rounded, centre kept"
+
+
+def test_keep_most_significant_flags_the_image_even_when_nothing_passes_the_threshold():
+    rng = np.random.default_rng(11)
+    stats = (rng.standard_normal((2, 8, 32, 32)) ** 2).sum(axis=1)
+    smallest = smallest_log10_nfa([stats], [8])
+    plain, kept = (segment([stats], [8], [(32, 32)] * 2, log10_epsilon=[-np.inf, -np.inf], keep_most_significant=k) for k in ([False, False], [False, True]))
+    assert not any(s.flagged or s.regions for s in plain)
+    assert not kept[0].flagged and kept[1].flagged
+    assert [r.log10_nfa for r in kept[1].regions] == pytest.approx([smallest[1]])  # the most significant leaf alone
+    assert kept[1].mask.any() and np.array_equal(kept[1].log10_nfa, plain[1].log10_nfa)  # the NFA map is unchanged
