@@ -410,18 +410,19 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     kinds = parse_output_kinds(args.outputs)
     model = _load_predict_model(args, args.device)
     options = {"segmentation": not args.no_segmentation, **_segmentation_options(args)}
-    folder = HotFolder(
-        model, args.in_dir, args.out, kinds=kinds, done_dir=args.done, failed_dir=args.failed, predict_options=options,
-        settle_s=args.settle, poll_s=args.poll, batch_size=args.batch_size,
-    )
     stop = threading.Event()
 
     def request_stop(signum, frame) -> None:
         logging.getLogger("uflow.watch").info("stopping after the batch in hand")
         stop.set()
 
+    # Before the hot folder creates its files: a supervisor that sees results.csv may stop the watcher at once.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
+    folder = HotFolder(
+        model, args.in_dir, args.out, kinds=kinds, done_dir=args.done, failed_dir=args.failed, predict_options=options,
+        settle_s=args.settle, poll_s=args.poll, batch_size=args.batch_size,
+    )
     done = folder.run(stop, once=args.once)
     print(f"{done.scored} images scored ({done.anomalous} anomalous), {done.failed} unreadable, {done.recovered} recovered; results in {folder.results.path}")
 
