@@ -1,4 +1,3 @@
-import dataclasses
 
 import numpy as np
 import pytest
@@ -58,9 +57,19 @@ def _plain_lite0_features():
 
 def test_backbone_is_cut_after_its_last_tap():
     spec = get_spec("tf_efficientnet_lite0")
-    finer = dataclasses.replace(spec, out_indices=(1, 2, 3), channels=spec.channels[:3], strides=spec.strides[:3], score_scales=())
-    assert len(FeatureExtractor(finer, 64, allow_download=False).models[0].blocks) == 5, "the two stride-32 stages are not run"
     assert len(FeatureExtractor(spec, 64, allow_download=False).models[0].blocks) == 7
+
+
+def test_a_model_without_score_flow_taps_only_what_the_map_flow_reads():
+    full = build_feature_extractor("tf_efficientnet_lite0", 64, allow_download=False)
+    map_only = build_feature_extractor("tf_efficientnet_lite0", 64, allow_download=False, score_flow=False)
+    assert map_only.spec.strides == (4, 8, 16) and map_only.spec.score_scales == ()
+    assert len(map_only.models[0].blocks) == 5, "the two stride-32 stages are not run"
+    x = torch.rand(2, 3, 64, 64)
+    a, b = full(x), map_only(x)
+    assert len(a) == 4 and len(b) == 3
+    for i in map_only.spec.map_scales:
+        assert torch.equal(a[i], b[i])
 
 
 def test_folded_backbone_gives_timms_features():

@@ -62,14 +62,18 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
     assert no_seg[0].mask is None and no_seg[0].score == pytest.approx(preds[0].score, abs=1e-6)
 
 
-def test_the_score_flow_changes_the_score_only(model, brick):
+def test_the_score_flow_changes_the_score_only(model, brick, tmp_path):
     # Trained after the map flow, from the same seed: without it the maps, regions and masks are the same, and the
     # score is the map flow's alone, standardised.
-    alone = uflow.fit(brick, **{**SMALL, "score_flow": False})
+    alone = uflow.fit(brick, tmp_path / "alone", **{**SMALL, "score_flow": False})
     assert alone.score_flow is None and len(alone.calibration.score_centres) == 1
+    reloaded = uflow.load(tmp_path / "alone", allow_download=False)
+    for m in (alone, reloaded):
+        assert m.extractor.spec.strides == (4, 8, 16), "without a score flow the stride-32 stages are never run"
     paths = sorted((brick / "test").rglob("*.png"))
-    for a, b in zip(alone.predict(paths), model.predict(paths)):
+    for a, b, c in zip(alone.predict(paths), model.predict(paths), reloaded.predict(paths), strict=True):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
+        assert np.array_equal(a.anomaly_map, c.anomaly_map) and a.score == c.score
         assert np.array_equal(a.mask, b.mask) and len(a.regions) == len(b.regions)
     cal = alone.calibration
     raw = [cal.score_centres[0] + cal.score_spreads[0] * p.score for p in alone.predict(paths)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,6 +53,17 @@ class BackboneSpec:
 
     def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
         return [(c, image_size // s, image_size // s) for c, s in zip(self.channels, self.strides)]
+
+    def map_only(self) -> "BackboneSpec":
+        """This backbone tapped only as deep as the map flow reads: the spec of a model without a score flow.
+
+        The extractor is then cut after the map flow's coarsest stage, so such
+        a model never computes the deeper stages that only the score flow needs.
+        """
+        keep = max(self.map_scales) + 1
+        return replace(
+            self, channels=self.channels[:keep], strides=self.strides[:keep], out_indices=self.out_indices[:keep], score_scales=()
+        )
 
     @property
     def map_channels(self) -> tuple[int, ...]:
@@ -396,8 +407,17 @@ def _split_weights_arg(weights: WeightsArg, n_models: int, name: str) -> list[Pa
 
 
 def build_feature_extractor(
-    name: str = DEFAULT_BACKBONE, image_size: int | None = None, weights: WeightsArg = None, allow_download: bool = True
+    name: str = DEFAULT_BACKBONE,
+    image_size: int | None = None,
+    weights: WeightsArg = None,
+    allow_download: bool = True,
+    score_flow: bool = True,
 ) -> FeatureExtractor:
-    """Create the frozen feature extractor ``name`` with real pretrained weights."""
+    """Create the frozen feature extractor ``name`` with real pretrained weights.
+
+    With ``score_flow=False`` it taps only the scales the map flow reads (see :meth:`BackboneSpec.map_only`).
+    """
     spec = get_spec(name)
+    if not score_flow:
+        spec = spec.map_only()
     return FeatureExtractor(spec, image_size or spec.default_image_size, weights, allow_download)

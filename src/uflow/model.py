@@ -332,7 +332,7 @@ def load(
     if weights is None:
         files = [w["detail"] if w.get("kind") == "file" else None for w in recorded]
         weights = files if any(files) and all(files) else None
-    extractor = build_feature_extractor(spec.name, image_size, weights, allow_download)
+    extractor = build_feature_extractor(spec.name, image_size, weights, allow_download, score_flow=score_flow is not None)
     for was, now in zip(recorded, extractor.weight_sources):
         same = (was.get("kind"), was.get("detail") if was.get("kind") != "file" else was.get("sha256")) == (
             now.kind,

@@ -130,7 +130,7 @@ def extract_features(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         batch = torch.stack([to_model_input(as_float_image(p, square=square)[0], image_size) for p in chunk]).to(device)
-        for store, m in zip(cache.scales, extractor(batch)):
+        for store, m in zip(cache.scales, extractor(batch), strict=True):
             store[start : start + len(chunk)] = m.to("cpu", store.dtype)
         bar.update(len(chunk))
     bar.close()
@@ -233,7 +233,7 @@ def fit(
     val_paths, cal_paths, ver_paths = ([pool[i] for i in sorted(order[a:b])] for a, b in zip(bounds[:-1], bounds[1:]))
     train_paths = paths if held_out is not None else [paths[i] for i in sorted(order[bounds[-1] :])]
 
-    extractor = build_feature_extractor(backbone, image_size, weights, allow_download).to(dev)
+    extractor = build_feature_extractor(backbone, image_size, weights, allow_download, score_flow=score_flow).to(dev)
     size = extractor.image_size
     train_feats = extract_features(extractor, train_paths, size, dev, batch_size, progress)
     val_feats = extract_features(extractor, val_paths, size, dev, batch_size, progress)
