@@ -3,13 +3,16 @@
     python benchmarks/image_scores.py RUN_DIR CATEGORY_DIR [--json FILE]
 
 Candidates: the anomaly map's maximum (the paper's), the mean of its top 0.1 %,
-1 % and 5 % of pixels (the map flow's; with a score flow, also that flow's top 1 % alone, standardised per
-position on the training images, and the mean of both flows' standardised scores where uflow takes
-the larger), minus the image's smallest log10 NFA (its most
+1 % and 5 % of pixels, minus the image's smallest log10 NFA (its most
 significant a contrario region), the top 1 % of each scale's map alone, and the
 top 1 % of the map standardised per pixel position by the mean and spread of
 the maps of the run's stopping images (normal images the flow did not train on)
-or of its training images (more of them, but fitted). Every image is scored once at the model's resolution,
+or of its training images (more of them, but fitted). With a score flow, also
+that flow's top 1 % alone and standardised per position, and combinations of
+standardised parts (each standardised on the stopping images, as ``fit`` does):
+the larger of the two flows' (uflow's score before the per-scale parts), their
+mean, the largest of each map-flow scale and the score flow (uflow's score
+now), and the largest of every scale of both flows. Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
 come from the score alone. Used to fix uflow's image score
@@ -56,16 +59,27 @@ def flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
 
 
 @torch.no_grad()
-def score_flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
-    """The score flow's unsmoothed maps (N, S, S) on the model's input grid (from its coarser scales)."""
+def score_flow_scale_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
+    """Each of the score flow's scales alone (N, L, S, S) on the model's input grid."""
     size, square, spec = model.image_size, model.extractor.spec.fixed_image_size, model.extractor.spec
     out = []
     for path in paths:
         batch = to_model_input(model_resolution(path, size, square), size)[None].to(model.device)
         features = model.features(batch)
         latents, _ = model.score_flow([features[i].float() for i in spec.score_scales])
-        out.append(likelihood_map(latents, (size, size))[0].cpu().numpy())
+        out.append(torch.stack([likelihood_map([z], (size, size))[0] for z in latents]).cpu().numpy())
     return np.stack(out)
+
+
+def score_flow_maps(model: UFlowModel, paths: list[Path]) -> np.ndarray:
+    """The score flow's unsmoothed maps (N, S, S) on the model's input grid (from its coarser scales)."""
+    return score_flow_scale_maps(model, paths).mean(axis=1)
+
+
+def standardised_on(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``scores`` as uflow standardises a flow's score: by the reference scores' mean and population spread (floor 1 %)."""
+    centre = reference.mean()
+    return (scores - centre) / max(reference.std(), 0.01 * abs(centre), 1e-6)
 
 
 def standardised_per_position(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -88,7 +102,9 @@ def main() -> None:
     predictions = list(model.iter_predict(images))
     per_scale = scale_maps(model, [it.path for it in items])
     maps = per_scale.mean(axis=1)
-    stopping = flow_maps(model, [Path(p) for p in model.training["val_images"]])
+    stopping_paths = [Path(p) for p in model.training["val_images"]]
+    stopping_per_scale = scale_maps(model, stopping_paths)
+    stopping = stopping_per_scale.mean(axis=1)
     # The run records held-out images as absolute paths and its data folder as given (perhaps relative).
     held_out = {Path(p).resolve() for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
     trained = [p for p in training_images(model.training["data"]) if p.resolve() not in held_out]
@@ -105,13 +121,22 @@ def main() -> None:
         "per-position (training) top 1 %": top_mean(standardised_per_position(maps, flow_maps(model, trained)), 0.01),
         "uflow's score": np.array([p.score for p in predictions]),
     }
-    if model.score_flow is not None:  # the map flow's is "top 1 %"; uflow's score is the larger of the two, standardised
-        coarse = score_flow_maps(model, [it.path for it in items])
+    if model.score_flow is not None:
+        # Every part standardised on the stopping images as uflow's calibration does, so the candidates do not
+        # depend on which parts the run itself recorded.
+        coarse_scales = score_flow_scale_maps(model, [it.path for it in items])
+        stopping_coarse = score_flow_scale_maps(model, stopping_paths)
+        coarse = coarse_scales.mean(axis=1)
         candidates["score flow top 1 %"] = top_mean(coarse, 0.01)
-        centres, spreads = model.calibration.score_centres, model.calibration.score_spreads
-        standardised = [(candidates[k] - c) / s for k, c, s in zip(("top 1 %", "score flow top 1 %"), centres, spreads)]
-        candidates["mean of the two standardised"] = (standardised[0] + standardised[1]) / 2
+        map_whole = standardised_on(candidates["top 1 %"], top_mean(stopping, 0.01))
+        map_each = [standardised_on(top_mean(per_scale[:, i], 0.01), top_mean(stopping_per_scale[:, i], 0.01)) for i in range(per_scale.shape[1])]
+        coarse_whole = standardised_on(candidates["score flow top 1 %"], top_mean(stopping_coarse.mean(axis=1), 0.01))
+        coarse_each = [standardised_on(top_mean(coarse_scales[:, i], 0.01), top_mean(stopping_coarse[:, i], 0.01)) for i in range(coarse_scales.shape[1])]
+        candidates["larger of the two flows, standardised (parts: flows)"] = np.maximum(map_whole, coarse_whole)
+        candidates["mean of the two standardised"] = (map_whole + coarse_whole) / 2
         candidates["score flow per-position (training) top 1 %"] = top_mean(standardised_per_position(coarse, score_flow_maps(model, trained)), 0.01)
+        candidates["largest of map-flow scales and the score flow, standardised (parts: scales)"] = np.max([*map_each, coarse_whole], axis=0)
+        candidates["largest of every scale of both flows, standardised"] = np.max([*map_each, *coarse_each], axis=0)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
     if args.json:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from uflow.anomaly_map import SMOOTHING_SIGMA, display_map, image_score, likelihood_map
+from uflow.anomaly_map import SMOOTHING_SIGMA, display_map, image_score, likelihood_map, map_and_raw_scores
 
 
 def test_likelihood_map_is_one_minus_the_mean_likelihood_over_scales():
@@ -16,6 +16,28 @@ def test_likelihood_map_is_one_minus_the_mean_likelihood_over_scales():
     want = 1 - (torch.exp(-0.5 * fine.pow(2).mean(1)) + torch.exp(torch.tensor(-0.5))) / 2
     got = likelihood_map([fine, coarse], (16, 16))
     assert got.shape == (2, 16, 16) and torch.allclose(got, want, atol=1e-6)
+
+
+def test_each_scale_is_its_own_part_of_the_image_score_and_the_map_is_unchanged():
+    # A defect only the finest scale sees: that scale's map alone shows it in full, the whole map (the mean of the
+    # three scales' maps, two of which see nothing) at a third of it.
+    fine = torch.zeros(1, 8, 32, 32)
+    fine[:, :, 10:14, 20:24] = 3.0
+    latents = [fine, torch.zeros(1, 16, 16, 16), torch.zeros(1, 32, 8, 8)]
+    coarse = [torch.full((1, 16, 16, 16), 0.5)]
+    size = (32, 32)
+    whole_map, flows = map_and_raw_scores(latents, coarse, size, "flows")
+    same_map, scales = map_and_raw_scores(latents, coarse, size, "scales")
+    assert torch.equal(whole_map, same_map) and torch.equal(whole_map, likelihood_map(latents, size))
+    coarse_score = image_score(likelihood_map(coarse, size))
+    assert len(flows) == 2 and torch.equal(flows[0], image_score(whole_map)) and torch.equal(flows[1], coarse_score)
+    assert len(scales) == 4 and torch.equal(scales[3], coarse_score)
+    # 16 of 1,024 pixels hold 1 - exp(-4.5) = 0.989; the top 1 % (11 pixels) are all inside.
+    assert scales[0].item() == pytest.approx(1 - np.exp(-4.5), abs=1e-6)
+    assert scales[1].item() == scales[2].item() == 0.0
+    assert flows[0].item() == pytest.approx(scales[0].item() / 3, abs=1e-6)
+    _, alone = map_and_raw_scores(latents, None, size, "scales")
+    assert len(alone) == 3
 
 
 @pytest.mark.parametrize("side", [256, 128])

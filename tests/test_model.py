@@ -30,7 +30,9 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert config["score_flow"]["feature_channels"] == [40, 112, 320]
     assert config["score_flow"]["positional"] == config["flow"]["positional"]
     assert 1 <= t["score_flow"]["best_epoch"] <= t["score_flow"]["epochs_run"] <= SMALL["epochs"]
-    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 2
+    # One part of the image score per map-flow scale, then the score flow's.
+    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 4
+    assert config["calibration"]["score_parts"] == "scales"
 
 
 def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, brick):
@@ -41,9 +43,10 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert p.path == path
         assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
-        # Each flow's raw score is the mean of the top 1 % of its map on the input grid (before the smoothing of the
-        # map shown at image size); the image score is the larger of the two after standardising each by the
-        # calibration's centre and spread. All recomputed here from the backbone's features.
+        # Each part's raw score is the mean of the top 1 % of a map on the input grid (before the smoothing of the
+        # map shown at image size): each map-flow scale's alone, then the score flow's; the image score is the
+        # largest after standardising each by the calibration's centre and spread. All recomputed here from the
+        # backbone's features.
         grid = model.image_size
         with torch.no_grad():
             features = model.extractor(to_model_input(read_image(path), grid)[None])
@@ -51,7 +54,8 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
             coarse, _ = model.score_flow(features[1:])
         flow_map = likelihood_map(latents, (grid, grid))
         top = -(-grid * grid // 100)
-        raw = [float(np.sort(likelihood_map(z, (grid, grid)).numpy().ravel())[-top:].mean()) for z in (latents, coarse)]
+        raw = [float(np.sort(likelihood_map(z, (grid, grid)).numpy().ravel())[-top:].mean()) for z in ([z] for z in latents)]
+        raw.append(float(np.sort(likelihood_map(coarse, (grid, grid)).numpy().ravel())[-top:].mean()))
         cal = model.calibration
         want = max((r - c) / w for r, c, w in zip(raw, cal.score_centres, cal.score_spreads))
         assert p.score == pytest.approx(want, abs=1e-4)
@@ -64,9 +68,11 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
 
 def test_the_score_flow_changes_the_score_only(model, brick, tmp_path):
     # Trained after the map flow, from the same seed: without it the maps, regions and masks are the same, and the
-    # score is the map flow's alone, standardised.
+    # score is the largest of the map flow's scales alone, standardised as the two-flow model standardises them.
     alone = uflow.fit(brick, tmp_path / "alone", **{**SMALL, "score_flow": False})
-    assert alone.score_flow is None and len(alone.calibration.score_centres) == 1
+    assert alone.score_flow is None and len(alone.calibration.score_centres) == 3
+    np.testing.assert_allclose(alone.calibration.score_centres, model.calibration.score_centres[:3], rtol=1e-5)
+    np.testing.assert_allclose(alone.calibration.score_spreads, model.calibration.score_spreads[:3], rtol=1e-5)
     reloaded = uflow.load(tmp_path / "alone", allow_download=False)
     for m in (alone, reloaded):
         assert m.extractor.spec.strides == (4, 8, 16), "without a score flow the stride-32 stages are never run"
@@ -74,10 +80,8 @@ def test_the_score_flow_changes_the_score_only(model, brick, tmp_path):
     for a, b, c in zip(alone.predict(paths), model.predict(paths), reloaded.predict(paths), strict=True):
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-6)
         assert np.array_equal(a.anomaly_map, c.anomaly_map) and a.score == c.score
+        assert b.score >= a.score - 1e-4, "the score flow's part can only raise the largest standardised score"
         assert np.array_equal(a.mask, b.mask) and len(a.regions) == len(b.regions)
-    cal = alone.calibration
-    raw = [cal.score_centres[0] + cal.score_spreads[0] * p.score for p in alone.predict(paths)]
-    assert all(0.0 <= r <= 1.0 for r in raw)  # a top 1 % mean of a map in [0, 1]
 
 
 def test_arrays_and_gray_images_are_accepted_and_sized(model):

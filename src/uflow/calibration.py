@@ -279,10 +279,12 @@ class Calibration:
     pixels_per_sample: list[float] | None = None
     # The false-alarm promise and its verification; None for runs made before it existed.
     promise: Promise | None = None
-    # Per flow (the map flow, then the score flow if any), the mean and spread of its image score on the
-    # held-out stopping images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
+    # Per part of the image score (uflow.anomaly_map.map_and_raw_scores: each map-flow scale, then the score
+    # flow, or for older runs each flow), the mean and spread of its raw score on the held-out stopping
+    # images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
     score_centres: list[float] = field(default_factory=lambda: [0.0])
     score_spreads: list[float] = field(default_factory=lambda: [1.0])
+    score_parts: str = "flows"  # uflow.anomaly_map.ScoreParts; "flows" for runs made before it was recorded
 
     def __post_init__(self) -> None:
         if isinstance(self.promise, dict):  # read back from uflow.json or ONNX metadata

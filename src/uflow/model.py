@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
+from .anomaly_map import chi2_statistics, combined_score, display_map, map_and_raw_scores
 from .backbones import BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -61,15 +61,12 @@ def score_map_latents(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """From backbone features: image scores (B,), the flow's map on the input grid (B, S, S) and the map flow's latents.
 
-    The map flow draws the map; its score and the score flow's (when there is one) are
-    combined as :func:`uflow.anomaly_map.combined_score` says.
+    The map flow draws the map; the image score combines the parts the calibration
+    names (:func:`uflow.anomaly_map.map_and_raw_scores`) as :func:`uflow.anomaly_map.combined_score` says.
     """
     latents, _ = flow([features[i] for i in spec.map_scales])
-    flow_map = likelihood_map(latents, (size, size))
-    scores = [image_score(flow_map)]
-    if score_flow is not None:
-        coarse, _ = score_flow([features[i] for i in spec.score_scales])
-        scores.append(image_score(likelihood_map(coarse, (size, size))))
+    coarse = score_flow([features[i] for i in spec.score_scales])[0] if score_flow is not None else None
+    flow_map, scores = map_and_raw_scores(latents, coarse, (size, size), calibration.score_parts)
     return combined_score(scores, calibration.score_centres, calibration.score_spreads), flow_map, latents
 
 

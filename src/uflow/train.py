@@ -34,7 +34,7 @@ from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_lo
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import DECISION, DECISIONS, Decision, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, score_map_latents, to_model_input
-from .anomaly_map import chi2_statistics, combined_score, display_map, image_score, likelihood_map
+from .anomaly_map import SCORE_PARTS, chi2_statistics, combined_score, display_map, image_score, map_and_raw_scores
 from .segmentation import correlation_area
 
 log = logging.getLogger(__name__)
@@ -496,31 +496,31 @@ def _calibrate(
     flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int
 ) -> Calibration:
     """Image-score standardisation and threshold, display range and the null, from held-out normal images."""
-    flows = [(flow, spec.map_scales)] + ([(score_flow, spec.score_scales)] if score_flow is not None else [])
-    raw: list[list[torch.Tensor]] = [[] for _ in flows]
+    raw: list[list[torch.Tensor]] = []
     medians, shown_tops = [], []
     stats: list[list[torch.Tensor]] = [[] for _ in spec.map_scales]
     n = len(val_feats)
     for start in range(0, n, batch_size):
         feats = val_feats.batch(slice(start, start + batch_size), dev)
         z, _ = flow([feats[i] for i in spec.map_scales])
-        maps = likelihood_map(z, (size, size))
+        coarse = score_flow([feats[i] for i in spec.score_scales])[0] if score_flow is not None else None
+        maps, parts = map_and_raw_scores(z, coarse, (size, size), SCORE_PARTS)
         shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
         medians.append(shown.flatten(1).median(dim=1).values.cpu())
         shown_tops.append(image_score(shown).cpu())
         for store, s in zip(stats, chi2_statistics(z)):
             store.append(s.double().cpu())
-        raw[0].append(image_score(maps).cpu())
-        if score_flow is not None:
-            coarse, _ = score_flow([feats[i] for i in spec.score_scales])
-            raw[1].append(image_score(likelihood_map(coarse, (size, size))).cpu())
-    per_flow = [torch.cat(r).double() for r in raw]
+        if not raw:
+            raw = [[] for _ in parts]
+        for store, part in zip(raw, parts, strict=True):
+            store.append(part.cpu())
+    per_part = [torch.cat(r).double() for r in raw]
     # Population spread (n, not n - 1), floored at 1 % of the centre: from one or two stopping images the
-    # spread can come out near zero, and one flow's score would then swamp the other's on noise alone.
+    # spread can come out near zero, and one part's score would then swamp the others' on noise alone.
     # (The demo's and ELPV's runs measured spreads of 1.8 % to 18 % of the centre.)
-    centres = [float(r.mean()) for r in per_flow]
-    spreads = [max(float(r.std(correction=0)), 0.01 * abs(c), 1e-6) for r, c in zip(per_flow, centres)]
-    score = combined_score([r.float() for r in per_flow], centres, spreads)
+    centres = [float(r.mean()) for r in per_part]
+    spreads = [max(float(r.std(correction=0)), 0.01 * abs(c), 1e-6) for r, c in zip(per_part, centres)]
+    score = combined_score([r.float() for r in per_part], centres, spreads)
     low = float(torch.cat(medians).median())
     high = float(torch.cat(shown_tops).max())
     scales, dofs, areas = [], [], []
@@ -534,6 +534,7 @@ def _calibrate(
     return Calibration(
         score_centres=centres,
         score_spreads=spreads,
+        score_parts=SCORE_PARTS,
         score_threshold=float(score.max()),
         display_low=low,
         display_high=max(high, low + 1e-6),
