@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import uflow
-from uflow.anomaly_map import display_map, likelihood_map
+from uflow.anomaly_map import display_map, image_score, likelihood_map
 from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from uflow.images import read_image
 from uflow.model import to_model_input
@@ -140,6 +140,35 @@ def test_checkpoint_for_another_backbone_is_refused(run_dir, tmp_path):
     config["backbone"] = "resnet18"
     (dest / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(uflow.UFlowError, match="backbone resnet18 gives"):
+        uflow.load(dest, allow_download=False)
+
+
+def test_a_run_from_before_the_per_scale_parts_scores_as_it_did(run_dir, brick, tmp_path):
+    dest = _copy_run(run_dir, tmp_path)
+    config = json.loads((dest / CONFIG_NAME).read_text())
+    cal = config["calibration"]
+    del cal["score_parts"]  # what uflow.json held before: one part per flow
+    cal["score_centres"], cal["score_spreads"] = [0.5, 0.4], [0.1, 0.2]
+    (dest / CONFIG_NAME).write_text(json.dumps(config))
+    old = uflow.load(dest, allow_download=False)
+    assert old.calibration.score_parts == "flows"
+    image = sorted((brick / "test" / "blob").glob("*.png"))[0]
+    with torch.no_grad():
+        features = old.extractor(to_model_input(read_image(image), old.image_size)[None])
+        latents, _ = old.flow(features[:3])
+        coarse, _ = old.score_flow(features[1:])
+    size = (old.image_size, old.image_size)
+    whole, score_flow_part = image_score(likelihood_map(latents, size)).item(), image_score(likelihood_map(coarse, size)).item()
+    assert old.predict(image)[0].score == pytest.approx(max((whole - 0.5) / 0.1, (score_flow_part - 0.4) / 0.2), abs=1e-4)
+
+
+@pytest.mark.parametrize(("parts", "centres", "message"), [("pixels", 4, "unknown image score parts 'pixels'"), ("scales", 2, "standardises 2 image score parts")])
+def test_a_calibration_that_does_not_fit_the_model_is_refused(run_dir, tmp_path, parts, centres, message):
+    dest = _copy_run(run_dir, tmp_path)
+    config = json.loads((dest / CONFIG_NAME).read_text())
+    config["calibration"].update(score_parts=parts, score_centres=[0.5] * centres, score_spreads=[0.1] * centres)
+    (dest / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(uflow.UFlowError, match=message):
         uflow.load(dest, allow_download=False)
 
 

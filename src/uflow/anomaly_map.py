@@ -49,9 +49,9 @@ def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
 
 # A second, coarser flow (backbone strides 8 to 32 beside the map flow's 4 to 16) sees larger
 # structures and tells defective images from normal ones better on some sets, but localises worse,
-# so it feeds only the image score. Each flow's score is standardised by its mean and spread on the
-# run's stopping images (normal, seen by neither flow in training) and the larger of the two is the
-# image's score: an image is as anomalous as the flow that finds it most unusual says. Measured before
+# so it feeds only the image score. Each part's score is standardised by its mean and spread on the
+# run's stopping images (normal, seen by neither flow in training) and the largest is the image's
+# score: an image is as anomalous as the part that finds it most unusual says. Measured before
 # building it (benchmarks/taps.py, 2026-12-02, image AUROC, the map flow alone / both by maximum /
 # both by sum): brick 100.00 / 100.00 / 100.00, grass 75.75 / 80.50 / 78.93, gravel 87.98 / 89.18 /
 # 88.35, ELPV mono 92.93 / 93.67 / 93.88; chosen on the mean over the four sets.

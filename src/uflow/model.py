@@ -13,14 +13,14 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import chi2_statistics, combined_score, display_map, map_and_raw_scores
+from .anomaly_map import ScoreParts, chi2_statistics, combined_score, display_map, map_and_raw_scores
 from .backbones import BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -320,6 +320,14 @@ def load(
                 f"{run_dir}: {what} was built for feature channels {list(built.feature_channels)}, "
                 f"but backbone {spec.name} gives {list(expected)}"
             )
+    if calibration.score_parts not in get_args(ScoreParts):
+        raise UFlowError(f"{run_dir}: unknown image score parts {calibration.score_parts!r}; this uflow knows {', '.join(get_args(ScoreParts))}")
+    parts = (len(spec.map_scales) if calibration.score_parts == "scales" else 1) + (score_config is not None)
+    if len(calibration.score_centres) != parts or len(calibration.score_spreads) != parts:
+        raise UFlowError(
+            f"{run_dir}: the calibration standardises {len(calibration.score_centres)} image score parts, "
+            f"but this model has {parts} ({calibration.score_parts})"
+        )
     score_tensors = {k[len(SCORE_FLOW_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCORE_FLOW_PREFIX)}
     flow = _load_flow(run_dir, flow_config, {k: v for k, v in tensors.items() if not k.startswith(SCORE_FLOW_PREFIX)}, spec.name)
     score_flow = _load_flow(run_dir, score_config, score_tensors, spec.name) if score_config is not None else None
