@@ -4,8 +4,9 @@ Per scale l, p_l = exp(-mean_c z^2 / 2) is the per-pixel likelihood (up to the
 normalising constant) of the latent under N(0, I); the flow's map is
 1 - mean_l p_l after upsampling every p_l to the model's input grid, so it lies
 in [0, 1] with 0 meaning "perfectly normal". The image score is taken from each
-scale's map 1 - p_l alone and from the score flow's map; the map a person sees (and pixel metrics measure) is it smoothed by a
-Gaussian, then resized to the image.
+scale's map 1 - p_l alone and from the score flow's map; the map a person sees
+(and pixel metrics measure) is the flow's map smoothed by a Gaussian, then
+resized to the image.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ def _scale_likelihoods(latents: Sequence[torch.Tensor], size: tuple[int, int]) -
     ]
 
 
+def _one_minus_mean(likelihoods: list[torch.Tensor]) -> torch.Tensor:
+    return (1.0 - sum(likelihoods) / len(likelihoods)).squeeze(1)
+
+
 def likelihood_map(latents: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """The flow's anomaly map (B, H, W) in [0, 1] at ``size`` from per-scale latents (B, C_l, H_l, W_l)."""
-    likelihoods = _scale_likelihoods(latents, size)
-    return (1.0 - sum(likelihoods) / len(likelihoods)).squeeze(1)
+    return _one_minus_mean(_scale_likelihoods(latents, size))
 
 
 # The image score is the mean of the map's top 1 % of pixels rather than the paper's maximum: one
@@ -79,7 +83,7 @@ def map_and_raw_scores(
     ``latents`` are the map flow's, ``coarse`` the score flow's (None without one).
     """
     likelihoods = _scale_likelihoods(latents, size)
-    flow_map = (1.0 - sum(likelihoods) / len(likelihoods)).squeeze(1)
+    flow_map = _one_minus_mean(likelihoods)
     if parts == "scales":
         scores = [image_score((1.0 - p).squeeze(1)) for p in likelihoods]
     else:
