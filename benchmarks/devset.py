@@ -4,11 +4,13 @@
 
 Writes ``immunohistochemistry`` (stained tissue, 512x512) and
 ``hubble_deep_field`` (a star field, 872x1000) in the MVTec layout, with the
-demo's sizes and defect kinds, under another seed than the demo's. No figure in
-the README reports these two: they exist so that choices which need masks
-(localisation: backbone, taps, the automatic mask) can be made on images that
-are never used to report accuracy. ELPV's polycrystalline cells remain the
-development set for image-level choices.
+demo's sizes and defect kinds, under another seed than the demo's. No accuracy
+figure in the README reports these two: they exist so that choices which need
+masks (localisation: backbone, taps, the automatic mask) can be made on images
+that are never used to report accuracy. Image-level choices have used them
+beside ELPV's polycrystalline cells (the image score's per-scale parts,
+2026-12-04), though synthetic defects on photographs are less like a production
+line's than those cells are.
 """
 
 from __future__ import annotations
