@@ -496,7 +496,7 @@ def _calibrate(
     flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int
 ) -> Calibration:
     """Image-score standardisation and threshold, display range and the null, from held-out normal images."""
-    raw: list[list[torch.Tensor]] = []
+    raw_batches: list[list[torch.Tensor]] = []  # per batch, each part's raw scores
     medians, shown_tops = [], []
     stats: list[list[torch.Tensor]] = [[] for _ in spec.map_scales]
     n = len(val_feats)
@@ -510,11 +510,8 @@ def _calibrate(
         shown_tops.append(image_score(shown).cpu())
         for store, s in zip(stats, chi2_statistics(z)):
             store.append(s.double().cpu())
-        if not raw:
-            raw = [[] for _ in parts]
-        for store, part in zip(raw, parts, strict=True):
-            store.append(part.cpu())
-    per_part = [torch.cat(r).double() for r in raw]
+        raw_batches.append([part.cpu() for part in parts])
+    per_part = [torch.cat(column).double() for column in zip(*raw_batches)]
     # Population spread (n, not n - 1), floored at 1 % of the centre: from one or two stopping images the
     # spread can come out near zero, and one part's score would then swamp the others' on noise alone.
     # (The demo's and ELPV's runs measured spreads of 1.8 % to 18 % of the centre.)
