@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
 PRO_FPR_LIMIT = 0.3
@@ -42,6 +42,52 @@ def image_auroc(scores: Sequence[float], anomalous: Sequence[bool]) -> float:
     if labels.all() or not labels.any():
         return float("nan")
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64)))
+
+
+@dataclass(frozen=True)
+class AurocDifference:
+    """Image AUROC of system a minus system b on the same images, with DeLong's standard error.
+
+    ``low`` and ``high`` bound the 95 % confidence interval of the difference; ``p_value`` is the two-sided
+    p-value of "both AUROCs are equal".
+    """
+
+    auroc_a: float
+    auroc_b: float
+    difference: float
+    standard_error: float
+    low: float
+    high: float
+    p_value: float
+
+
+def paired_auroc_difference(scores_a: Sequence[float], scores_b: Sequence[float], anomalous: Sequence[bool]) -> AurocDifference:
+    """Compare two systems' image AUROCs on the same test images (DeLong, DeLong and Clarke-Pearson 1988).
+
+    The two AUROCs are correlated (same images), so their difference has a smaller variance than two
+    independent estimates would; DeLong's structural components estimate it from each image's share of the
+    AUROC, with midranks for ties. Written by hand because neither scikit-learn nor scipy offers it.
+    """
+    labels = np.asarray(anomalous, dtype=bool)
+    scores = np.stack([np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)])
+    if scores.shape[1] != len(labels):
+        raise ValueError(f"{scores.shape[1]} scores for {len(labels)} images")
+    m, n = int(labels.sum()), int((~labels).sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"a paired AUROC comparison needs 2 anomalous and 2 normal images at least; got {m} and {n}")
+    positives, negatives = scores[:, labels], scores[:, ~labels]
+    # For each anomalous image, the share of normal images it outscores (ties count half), and for each normal
+    # image the share of anomalous images that outscore it; the AUROC is the mean of either.
+    combined = stats.rankdata(np.concatenate([positives, negatives], axis=1), axis=1)
+    above = (combined[:, :m] - stats.rankdata(positives, axis=1)) / n
+    below = 1.0 - (combined[:, m:] - stats.rankdata(negatives, axis=1)) / m
+    auroc = above.mean(axis=1)
+    covariance = np.cov(above) / m + np.cov(below) / n
+    variance = max(float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]), 0.0)
+    difference, error = float(auroc[0] - auroc[1]), float(np.sqrt(variance))
+    p_value = 1.0 if error == 0.0 else float(2 * stats.norm.sf(abs(difference) / error))
+    half = float(stats.norm.ppf(0.975)) * error
+    return AurocDifference(float(auroc[0]), float(auroc[1]), difference, error, difference - half, difference + half, p_value)
 
 
 def image_roc(scores: Sequence[float], anomalous: Sequence[bool]) -> Curve:
