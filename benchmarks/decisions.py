@@ -32,7 +32,7 @@ def held_out(model: uflow.UFlowModel, key: str) -> HeldOut:
     if missing:
         raise SystemExit(f"{missing[0]}: the run's {key.replace('_', ' ')} are not where it recorded them")
     feats = extract_features(model.extractor, paths, model.image_size, model.device, 16, False)
-    return _held_out(model.flow, model.score_flow, model.extractor.spec, model.calibration, feats, model.image_size, model.device, 16)
+    return _held_out(model.flow, model.score_flow, model.extractor.spec, model.calibration, feats, model.image_size, model.device, 16, model.score_positions)
 
 
 def main() -> None:

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 import uflow
+from safetensors.torch import load_file, save_file
+
 from uflow.anomaly_map import display_map, image_score, likelihood_map
 from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from uflow.files import file_sha256
 from uflow.images import read_image
-from uflow.model import to_model_input
+from uflow.model import POSITION_CENTRES, POSITION_SPREADS, to_model_input
+from uflow.train import training_images
 
 from conftest import SMALL
 
@@ -33,6 +37,7 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     # One part of the image score per map-flow scale, then the score flow's.
     assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 4
     assert config["calibration"]["score_parts"] == "scales"
+    assert config["calibration"]["score_per_position"] is True and config["format"] == 3
 
 
 def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, brick):
@@ -44,9 +49,9 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
         # Each part's raw score is the mean of the top 1 % of a map on the input grid (before the smoothing of the
-        # map shown at image size): each map-flow scale's alone, then the score flow's; the image score is the
-        # largest after standardising each by the calibration's centre and spread. All recomputed here from the
-        # backbone's features.
+        # map shown at image size), standardised per position first: each map-flow scale's alone, then the score
+        # flow's; the image score is the largest after standardising each by the calibration's centre and spread.
+        # All recomputed here from the backbone's features.
         grid = model.image_size
         with torch.no_grad():
             features = model.extractor(to_model_input(read_image(path), grid)[None])
@@ -54,8 +59,9 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
             coarse, _ = model.score_flow(features[1:])
         flow_map = likelihood_map(latents, (grid, grid))
         top = -(-grid * grid // 100)
-        raw = [float(np.sort(likelihood_map(z, (grid, grid)).numpy().ravel())[-top:].mean()) for z in ([z] for z in latents)]
-        raw.append(float(np.sort(likelihood_map(coarse, (grid, grid)).numpy().ravel())[-top:].mean()))
+        maps = [likelihood_map([z], (grid, grid))[0].numpy() for z in latents] + [likelihood_map(coarse, (grid, grid))[0].numpy()]
+        centres, spreads = model.score_positions.centres.numpy(), model.score_positions.spreads.numpy()
+        raw = [float(np.sort(((m - c) / w).ravel())[-top:].mean()) for m, c, w in zip(maps, centres, spreads, strict=True)]
         cal = model.calibration
         want = max((r - c) / w for r, c, w in zip(raw, cal.score_centres, cal.score_spreads))
         assert p.score == pytest.approx(want, abs=1e-4)
@@ -143,9 +149,57 @@ def test_checkpoint_for_another_backbone_is_refused(run_dir, tmp_path):
         uflow.load(dest, allow_download=False)
 
 
+def _without_positions(dest, config):
+    """Rewrite a copied run as format 2 wrote it: no per-position statistics beside the weights."""
+    tensors = {k: v for k, v in load_file(str(dest / WEIGHTS_NAME)).items() if k not in (POSITION_CENTRES, POSITION_SPREADS)}
+    save_file(tensors, str(dest / WEIGHTS_NAME))
+    config.update(format=2, weights_sha256=file_sha256(dest / WEIGHTS_NAME))
+    del config["calibration"]["score_per_position"]
+
+
+def test_position_statistics_are_the_training_images_shrunk_moments(model, run_dir):
+    # Recomputed from the training image files (the run's data minus what it held out) with NumPy, as
+    # benchmarks/image_scores.py's candidate (e) does.
+    held_out = {p for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
+    trained = [p for p in training_images(model.training["data"]) if str(p.resolve()) not in held_out]
+    assert len(trained) == model.training["n_train"] >= 2
+    grid = model.image_size
+    with torch.no_grad():
+        features = model.extractor(torch.stack([to_model_input(read_image(p), grid) for p in trained]))
+        latents, _ = model.flow(features[:3])
+        coarse, _ = model.score_flow(features[1:])
+    parts = [likelihood_map([z], (grid, grid)).double().numpy() for z in latents] + [likelihood_map(coarse, (grid, grid)).double().numpy()]
+    n = len(trained)
+    for i, maps in enumerate(parts):
+        mean, var = maps.mean(axis=0), maps.var(axis=0, ddof=1)
+        between = max(mean.var() - (var / n).mean(), 0.0)
+        centre = mean.mean() + between / (between + var / n + 1e-12) * (mean - mean.mean())
+        between_v = max(var.var() - (2 * var**2 / (n - 1)).mean(), 0.0)
+        spread = np.sqrt(np.maximum(var.mean() + between_v / (between_v + 2 * var**2 / (n - 1) + 1e-12) * (var - var.mean()), 0.0))
+        np.testing.assert_allclose(model.score_positions.centres[i].numpy(), centre, atol=1e-4)
+        np.testing.assert_allclose(model.score_positions.spreads[i].numpy(), np.maximum(spread, 0.1 * spread.mean()), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize(("drop", "message"), [(True, "holds no position statistics"), (False, r"of shape \(2, 64, 64\)")])
+def test_position_statistics_that_do_not_fit_are_refused(run_dir, tmp_path, drop, message):
+    dest = _copy_run(run_dir, tmp_path)
+    tensors = load_file(str(dest / WEIGHTS_NAME))
+    for name in (POSITION_CENTRES, POSITION_SPREADS):
+        tensors[name] = tensors[name][:2]
+        if drop:
+            del tensors[name]
+    save_file(tensors, str(dest / WEIGHTS_NAME))
+    config = json.loads((dest / CONFIG_NAME).read_text())
+    config["weights_sha256"] = file_sha256(dest / WEIGHTS_NAME)
+    (dest / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(uflow.UFlowError, match=message):
+        uflow.load(dest, allow_download=False)
+
+
 def test_a_run_from_before_the_per_scale_parts_scores_as_it_did(run_dir, brick, tmp_path):
     dest = _copy_run(run_dir, tmp_path)
     config = json.loads((dest / CONFIG_NAME).read_text())
+    _without_positions(dest, config)
     cal = config["calibration"]
     del cal["score_parts"]  # what uflow.json held before: one part per flow
     cal["score_centres"], cal["score_spreads"] = [0.5, 0.4], [0.1, 0.2]

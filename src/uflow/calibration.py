@@ -285,6 +285,9 @@ class Calibration:
     score_centres: list[float] = field(default_factory=lambda: [0.0])
     score_spreads: list[float] = field(default_factory=lambda: [1.0])
     score_parts: str = "flows"  # uflow.anomaly_map.ScoreParts; "flows" for runs made before it was recorded
+    # Whether each part's map is standardised per pixel position first (uflow.anomaly_map.PositionStatistics,
+    # kept with the weights); False for runs made before it existed.
+    score_per_position: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.promise, dict):  # read back from uflow.json or ONNX metadata

@@ -19,7 +19,10 @@ from safetensors.torch import load_file, save_file
 from .errors import UFlowError
 from .files import atomic_write_text, file_sha256
 
-CHECKPOINT_FORMAT = 2  # 2: the score flow (its tensors prefixed "score_flow."), Lite backbones tap stride 32
+# 2: the score flow (its tensors prefixed "score_flow."), Lite backbones tap stride 32; 3: per-position score
+# statistics beside the weights. Format 2 runs still load (they score as they did); an older uflow refuses 3.
+CHECKPOINT_FORMAT = 3
+READABLE_FORMATS = (2, 3)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "uflow.json"
 
@@ -57,10 +60,10 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise UFlowError(f"{config_path}: not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if not isinstance(config, dict) or "format" not in config:
         raise UFlowError(f"{config_path}: not a uflow model description")
-    if config["format"] != CHECKPOINT_FORMAT:
+    if config["format"] not in READABLE_FORMATS:
         raise UFlowError(
             f"{run_dir}: checkpoint format {config['format']} (written by uflow {config.get('uflow_version', '?')}) "
-            f"cannot be read by this uflow, which reads format {CHECKPOINT_FORMAT}; retrain or use the matching version"
+            f"cannot be read by this uflow, which reads formats {', '.join(map(str, READABLE_FORMATS))}; retrain or use the matching version"
         )
     weights_path = run_dir / WEIGHTS_NAME
     if not weights_path.is_file():

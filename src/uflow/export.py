@@ -47,6 +47,7 @@ class ExportGraph(nn.Module):
         self.flow = model.flow
         self.score_flow = model.score_flow
         self.calibration = model.calibration
+        self.positions = model.score_positions  # captured as constants of the graph
         self.size = model.image_size
         self.from_uint8 = input_dtype == "uint8"
 
@@ -56,7 +57,9 @@ class ExportGraph(nn.Module):
         if self.from_uint8:
             x = x / 255.0
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        score, flow_map, latents = score_map_latents(self.extractor(x), self.extractor.spec, self.flow, self.score_flow, self.calibration, self.size)
+        score, flow_map, latents = score_map_latents(
+            self.extractor(x), self.extractor.spec, self.flow, self.score_flow, self.calibration, self.size, self.positions
+        )
         return (score, display_map(flow_map, (height, width)), *chi2_statistics(latents))
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import ScoreParts, chi2_statistics, combined_score, display_map, map_and_raw_scores
+from .anomaly_map import PositionStatistics, ScoreParts, chi2_statistics, combined_score, display_map, map_and_raw_scores
 from .backbones import BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -57,16 +57,23 @@ def to_model_input(image: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 def score_map_latents(
-    features: Sequence[torch.Tensor], spec: BackboneSpec, flow: UFlow, score_flow: UFlow | None, calibration: Calibration, size: int
+    features: Sequence[torch.Tensor],
+    spec: BackboneSpec,
+    flow: UFlow,
+    score_flow: UFlow | None,
+    calibration: Calibration,
+    size: int,
+    positions: PositionStatistics | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """From backbone features: image scores (B,), the flow's map on the input grid (B, S, S) and the map flow's latents.
 
-    The map flow draws the map; the image score combines the parts the calibration
-    names (:func:`uflow.anomaly_map.map_and_raw_scores`) as :func:`uflow.anomaly_map.combined_score` says.
+    The map flow draws the map; the image score combines the parts the calibration names, each standardised per
+    position by ``positions`` when the run has them (:func:`uflow.anomaly_map.map_and_raw_scores`), as
+    :func:`uflow.anomaly_map.combined_score` says.
     """
     latents, _ = flow([features[i] for i in spec.map_scales])
     coarse = score_flow([features[i] for i in spec.score_scales])[0] if score_flow is not None else None
-    flow_map, scores = map_and_raw_scores(latents, coarse, (size, size), calibration.score_parts)
+    flow_map, scores = map_and_raw_scores(latents, coarse, (size, size), calibration.score_parts, positions)
     return combined_score(scores, calibration.score_centres, calibration.score_spreads), flow_map, latents
 
 
@@ -80,6 +87,7 @@ class UFlowModel:
     training: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     score_flow: UFlow | None = None  # models coarser scales for the image score only; None: the map flow's score alone
+    score_positions: PositionStatistics | None = None  # per-position standardisation of the score's parts (runs that record it)
     precision: str = "fp32"  # of the backbone; the flow always runs in float32
     _backbone: Any = field(default=None, repr=False)  # the extractor, or its torch.compile'd version
     _workers: SegmentationWorkers = field(default_factory=SegmentationWorkers, repr=False)
@@ -98,6 +106,8 @@ class UFlowModel:
         self.flow.to(self.device)
         if self.score_flow is not None:
             self.score_flow.to(self.device)
+        if self.score_positions is not None:
+            self.score_positions = self.score_positions.to(self.device)
         return self
 
     def accelerate(self, precision: str = "bf16", compile: bool = False) -> "UFlowModel":
@@ -126,7 +136,7 @@ class UFlowModel:
     @torch.no_grad()
     def _score_map_latents(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         features = self._flow_inputs(batch)
-        return score_map_latents(features, self.extractor.spec, self.flow, self.score_flow, self.calibration, self.image_size)
+        return score_map_latents(features, self.extractor.spec, self.flow, self.score_flow, self.calibration, self.image_size, self.score_positions)
 
     def _flow_inputs(self, batch: torch.Tensor) -> list[torch.Tensor]:
         """Images (B, 3, S, S) in [0, 1] -> float32 backbone features on the model's device, the flows set to eval."""
@@ -271,11 +281,14 @@ class UFlowModel:
         tensors = dict(self.flow.state_dict())
         if self.score_flow is not None:
             tensors.update({SCORE_FLOW_PREFIX + k: v for k, v in self.score_flow.state_dict().items()})
+        if self.score_positions is not None:
+            tensors.update({POSITION_CENTRES: self.score_positions.centres, POSITION_SPREADS: self.score_positions.spreads})
         save_run(Path(run_dir), tensors, self.describe())
         return Path(run_dir)
 
 
 SCORE_FLOW_PREFIX = "score_flow."  # the score flow's tensors in model.safetensors; the map flow's have no prefix
+POSITION_CENTRES, POSITION_SPREADS = "score_position.centres", "score_position.spreads"
 
 
 def _load_flow(run_dir: str | os.PathLike, config: FlowConfig, tensors: dict[str, torch.Tensor], backbone: str) -> UFlow:
@@ -328,6 +341,7 @@ def load(
             f"{run_dir}: the calibration standardises {len(calibration.score_centres)} image score parts, "
             f"but this model has {parts} ({calibration.score_parts})"
         )
+    positions = _load_positions(run_dir, calibration, tensors, parts, image_size)
     score_tensors = {k[len(SCORE_FLOW_PREFIX):]: v for k, v in tensors.items() if k.startswith(SCORE_FLOW_PREFIX)}
     flow = _load_flow(run_dir, flow_config, {k: v for k, v in tensors.items() if not k.startswith(SCORE_FLOW_PREFIX)}, spec.name)
     score_flow = _load_flow(run_dir, score_config, score_tensors, spec.name) if score_config is not None else None
@@ -348,5 +362,25 @@ def load(
                 f"{run_dir}: trained with backbone weights from {was.get('kind')} {was.get('detail')}, "
                 f"but this machine gives {now.kind} {now.detail}; features would differ"
             )
-    model = UFlowModel(extractor, flow, calibration, config.get("training", {}), score_flow=score_flow)
+    model = UFlowModel(extractor, flow, calibration, config.get("training", {}), score_flow=score_flow, score_positions=positions)
     return model.to(device)
+
+
+def _load_positions(
+    run_dir: str | os.PathLike, calibration: Calibration, tensors: dict[str, torch.Tensor], parts: int, size: int
+) -> PositionStatistics | None:
+    """Take the per-position statistics out of ``tensors``; one line if they do not match what the calibration says."""
+    found = [tensors.pop(name, None) for name in (POSITION_CENTRES, POSITION_SPREADS)]
+    if not calibration.score_per_position:
+        if any(t is not None for t in found):
+            raise UFlowError(f"{run_dir}: model.safetensors holds per-position score statistics that uflow.json does not use")
+        return None
+    centres, spreads = found
+    if centres is None or spreads is None:
+        raise UFlowError(f"{run_dir}: uflow.json standardises the image score per position, but model.safetensors holds no position statistics")
+    if centres.shape != (parts, size, size) or spreads.shape != centres.shape:
+        raise UFlowError(
+            f"{run_dir}: per-position score statistics of shape {tuple(centres.shape)} and {tuple(spreads.shape)} "
+            f"do not fit this model ({parts} parts at {size}x{size})"
+        )
+    return PositionStatistics(centres.float(), spreads.float())

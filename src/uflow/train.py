@@ -34,7 +34,18 @@ from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_lo
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import DECISION, DECISIONS, Decision, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
 from .model import UFlowModel, resolve_device, score_map_latents, to_model_input
-from .anomaly_map import SCORE_PARTS, chi2_statistics, combined_score, display_map, image_score, map_and_raw_scores
+from .anomaly_map import (
+    SCORE_PARTS,
+    SCORE_PER_POSITION,
+    PositionAccumulator,
+    PositionStatistics,
+    chi2_statistics,
+    combined_score,
+    display_map,
+    image_score,
+    map_and_raw_scores,
+    part_maps,
+)
 from .segmentation import correlation_area
 
 log = logging.getLogger(__name__)
@@ -282,10 +293,13 @@ def fit(
             score_run.flow.eval()
     score_flow_model = score_run.flow if score_run is not None else None
 
-    calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size)
+    positions = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size) if SCORE_PER_POSITION else None
+    calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size, positions)
     del train_feats, val_feats, map_train, map_val
     held_out = [
-        _held_out(flow, score_flow_model, spec, calibration, extract_features(extractor, group, size, dev, batch_size, progress), size, dev, batch_size)
+        _held_out(
+            flow, score_flow_model, spec, calibration, extract_features(extractor, group, size, dev, batch_size, progress), size, dev, batch_size, positions
+        )
         for group in (cal_paths, ver_paths)
     ]
     promise = make_promise(*held_out, false_alarm_rate, "per_size", "calibrated", confidence, decision)
@@ -322,7 +336,7 @@ def fit(
         "feature_cache": cache_kind,
         "history": history,
     }
-    model = UFlowModel(extractor, flow, calibration, training, dev, score_flow=score_flow_model)
+    model = UFlowModel(extractor, flow, calibration, training, dev, score_flow=score_flow_model, score_positions=positions)
     if out is not None:
         model.save(out)
     if diverged:
@@ -492,8 +506,34 @@ class FlowTrainer:
 
 
 @torch.no_grad()
+def _position_statistics(
+    flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, feats: FeatureCache, size: int, dev: torch.device, batch_size: int
+) -> PositionStatistics:
+    """Per-position statistics of the image score's parts on the training images (see uflow.anomaly_map).
+
+    The training images, not the stopping ones: the per-position pattern is what a run must learn, and it is
+    the images' (busbars, borders), which the fitted flow reproduces; the stopping images, fewer, then
+    standardise the per-position scores as they do the plain ones.
+    """
+    accumulator = PositionAccumulator()
+    for start in range(0, len(feats), batch_size):
+        batch = feats.batch(slice(start, start + batch_size), dev)
+        z, _ = flow([batch[i] for i in spec.map_scales])
+        coarse = score_flow([batch[i] for i in spec.score_scales])[0] if score_flow is not None else None
+        accumulator.add(part_maps(z, coarse, (size, size), SCORE_PARTS)[1])
+    return accumulator.statistics()
+
+
+@torch.no_grad()
 def _calibrate(
-    flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, val_feats: FeatureCache, size: int, dev: torch.device, batch_size: int
+    flow: UFlow,
+    score_flow: UFlow | None,
+    spec: BackboneSpec,
+    val_feats: FeatureCache,
+    size: int,
+    dev: torch.device,
+    batch_size: int,
+    positions: PositionStatistics | None,
 ) -> Calibration:
     """Image-score standardisation and threshold, display range and the null, from held-out normal images."""
     raw_batches: list[list[torch.Tensor]] = []  # per batch, each part's raw scores
@@ -504,7 +544,7 @@ def _calibrate(
         feats = val_feats.batch(slice(start, start + batch_size), dev)
         z, _ = flow([feats[i] for i in spec.map_scales])
         coarse = score_flow([feats[i] for i in spec.score_scales])[0] if score_flow is not None else None
-        maps, parts = map_and_raw_scores(z, coarse, (size, size), SCORE_PARTS)
+        maps, parts = map_and_raw_scores(z, coarse, (size, size), SCORE_PARTS, positions)
         shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
         medians.append(shown.flatten(1).median(dim=1).values.cpu())
         shown_tops.append(image_score(shown).cpu())
@@ -532,6 +572,7 @@ def _calibrate(
         score_centres=centres,
         score_spreads=spreads,
         score_parts=SCORE_PARTS,
+        score_per_position=positions is not None,
         score_threshold=float(score.max()),
         display_low=low,
         display_high=max(high, low + 1e-6),
@@ -543,13 +584,21 @@ def _calibrate(
 
 @torch.no_grad()
 def _held_out(
-    flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, calibration: Calibration, feats: FeatureCache, size: int, dev: torch.device, batch_size: int
+    flow: UFlow,
+    score_flow: UFlow | None,
+    spec: BackboneSpec,
+    calibration: Calibration,
+    feats: FeatureCache,
+    size: int,
+    dev: torch.device,
+    batch_size: int,
+    positions: PositionStatistics | None,
 ) -> HeldOut:
     """Each image's score and smallest log10 NFA with the default segmentation settings."""
     scores: list[float] = []
     smallest: list[float] = []
     for start in range(0, len(feats), batch_size):
-        score, _, z = score_map_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow, calibration, size)
+        score, _, z = score_map_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow, calibration, size, positions)
         scores.extend(score.tolist())
         stats = [s.cpu().numpy() for s in chi2_statistics(z)]
         smallest.extend(calibration.smallest_log10_nfa(stats, flow.latent_channels, "per_size", "calibrated").tolist())
