@@ -12,7 +12,10 @@ that flow's top 1 % alone and standardised per position, and combinations of
 standardised parts (each standardised on the stopping images, as ``fit`` does):
 the larger of the two flows' (uflow's score before the per-scale parts), their
 mean, the largest of each map-flow scale and the score flow (uflow's score
-now), and the largest of every scale of both flows. Every image is scored once at the model's resolution,
+before the per-position step), the largest of every scale of both flows, and
+(e) and (f): every part, or the score flow's alone, standardised per position
+with shrinkage first (computed here in NumPy, independently of uflow's own
+code; (e) is uflow's score now). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
 come from the score alone. Used to fix uflow's image score
@@ -171,7 +174,7 @@ def main() -> None:
             top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
             top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
         )
-        candidates["(e) every part per position (shrunk, training), standardised"] = np.max([*map_each_pp, coarse_pp], axis=0)
+        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = np.max([*map_each_pp, coarse_pp], axis=0)
         candidates["(f) parts: scales, the score flow per position (shrunk, training)"] = np.max([*map_each, coarse_pp], axis=0)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
