@@ -1,10 +1,11 @@
-"""Shared fixtures: a small real-texture dataset and one model trained on it, reused across tests."""
+"""Shared fixtures (a small real-texture dataset and one model trained on it, reused across tests) and plain references."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of retrying a download for a minute
@@ -35,3 +36,18 @@ def run_dir(brick, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def model(run_dir):
     return uflow.load(run_dir, allow_download=False)
+
+
+def plain_shrunk_statistics(maps):
+    """Per position, mean and variance pulled toward the global ones, written out for one part (N, H, W) in NumPy."""
+    n = len(maps)
+    mean, var = maps.mean(axis=0), maps.var(axis=0, ddof=1)
+
+    def toward_global(local, noise):
+        between = max(local.var() - noise.mean(), 0.0)
+        weight = between / (between + noise + 1e-12)
+        return local.mean() + weight * (local - local.mean())
+
+    centre = toward_global(mean, var / n)
+    spread = np.sqrt(np.maximum(toward_global(var, 2 * var**2 / (n - 1)), 0.0))
+    return centre, np.maximum(spread, 0.1 * spread.mean())

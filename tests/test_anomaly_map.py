@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from conftest import plain_shrunk_statistics
 from uflow.anomaly_map import (
     SMOOTHING_SIGMA,
     PositionAccumulator,
@@ -76,21 +77,6 @@ def test_image_score_is_the_mean_of_the_top_percent():
     assert torch.allclose(image_score(maps), want)
 
 
-def _plain_shrunk_statistics(maps):
-    """Per position, mean and variance pulled toward the global ones, written out for one part (N, H, W) in NumPy."""
-    n = len(maps)
-    mean, var = maps.mean(axis=0), maps.var(axis=0, ddof=1)
-
-    def toward_global(local, noise):
-        between = max(local.var() - noise.mean(), 0.0)
-        weight = between / (between + noise + 1e-12)
-        return local.mean() + weight * (local - local.mean())
-
-    centre = toward_global(mean, var / n)
-    spread = np.sqrt(np.maximum(toward_global(var, 2 * var**2 / (n - 1)), 0.0))
-    return centre, np.maximum(spread, 0.1 * spread.mean())
-
-
 def _pattern_and_noise(rng, n, side, amplitude):
     """Maps (n, side, side): a fixed per-position pattern of the given amplitude plus independent noise of spread 0.05."""
     pattern = amplitude * np.sin(np.linspace(0, 3 * np.pi, side))[:, None] * np.cos(np.linspace(0, 2 * np.pi, side))[None, :]
@@ -106,7 +92,7 @@ def test_position_statistics_match_a_plain_computation_batch_by_batch():
     stats = accumulator.statistics()
     assert stats.centres.shape == stats.spreads.shape == (3, 16, 16)
     for i, part in enumerate(parts):
-        centre, spread = _plain_shrunk_statistics(part.astype(np.float32).astype(np.float64))
+        centre, spread = plain_shrunk_statistics(part.astype(np.float32).astype(np.float64))
         np.testing.assert_allclose(stats.centres[i].numpy(), centre, rtol=0, atol=1e-6)
         np.testing.assert_allclose(stats.spreads[i].numpy(), spread, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="at least 2 training images"):

@@ -17,7 +17,7 @@ from uflow.images import read_image
 from uflow.model import POSITION_CENTRES, POSITION_SPREADS, to_model_input
 from uflow.train import training_images
 
-from conftest import SMALL
+from conftest import SMALL, plain_shrunk_statistics
 
 
 def test_fit_writes_a_complete_run_folder(run_dir):
@@ -116,13 +116,21 @@ def test_divergence_stops_with_a_clear_message_and_writes_nothing_false(brick, t
     assert not (tmp_path / "run" / CONFIG_NAME).exists()
 
 
-def test_too_few_images_are_refused(tmp_path, brick):
+def test_too_few_images_are_refused_and_the_fewest_allowed_fit(tmp_path, brick):
     folder = tmp_path / "three"
     folder.mkdir()
     for p in sorted((brick / "train" / "good").glob("*.png"))[:3]:
         shutil.copy(p, folder / p.name)
     with pytest.raises(uflow.UFlowError, match="at least 4"):
         uflow.fit(folder, **SMALL)
+    # Four are enough: one trains, and one training image has no spread to standardise the score per position by,
+    # so that run standardises globally.
+    shutil.copy(sorted((brick / "train" / "good").glob("*.png"))[3], folder)
+    with pytest.warns(UserWarning, match="promise"):
+        smallest = uflow.fit(folder, **SMALL)
+    assert smallest.training["n_train"] == 1
+    assert smallest.score_positions is None and smallest.calibration.score_per_position is False
+    assert np.isfinite(smallest.predict(sorted(folder.glob("*.png"))[0])[0].score)
 
 
 def _copy_run(run_dir, tmp_path):
@@ -169,15 +177,10 @@ def test_position_statistics_are_the_training_images_shrunk_moments(model, run_d
         latents, _ = model.flow(features[:3])
         coarse, _ = model.score_flow(features[1:])
     parts = [likelihood_map([z], (grid, grid)).double().numpy() for z in latents] + [likelihood_map(coarse, (grid, grid)).double().numpy()]
-    n = len(trained)
     for i, maps in enumerate(parts):
-        mean, var = maps.mean(axis=0), maps.var(axis=0, ddof=1)
-        between = max(mean.var() - (var / n).mean(), 0.0)
-        centre = mean.mean() + between / (between + var / n + 1e-12) * (mean - mean.mean())
-        between_v = max(var.var() - (2 * var**2 / (n - 1)).mean(), 0.0)
-        spread = np.sqrt(np.maximum(var.mean() + between_v / (between_v + 2 * var**2 / (n - 1) + 1e-12) * (var - var.mean()), 0.0))
+        centre, spread = plain_shrunk_statistics(maps)
         np.testing.assert_allclose(model.score_positions.centres[i].numpy(), centre, atol=1e-4)
-        np.testing.assert_allclose(model.score_positions.spreads[i].numpy(), np.maximum(spread, 0.1 * spread.mean()), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(model.score_positions.spreads[i].numpy(), spread, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize(("drop", "message"), [(True, "holds no position statistics"), (False, r"of shape \(2, 64, 64\)")])

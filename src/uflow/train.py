@@ -293,7 +293,9 @@ def fit(
             score_run.flow.eval()
     score_flow_model = score_run.flow if score_run is not None else None
 
-    positions = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size) if SCORE_PER_POSITION else None
+    # One training image has no spread to standardise by: such a run standardises globally, as runs did before.
+    per_position = SCORE_PER_POSITION and len(train_feats) >= 2
+    positions = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size) if per_position else None
     calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size, positions)
     del train_feats, val_feats, map_train, map_val
     held_out = [
