@@ -91,12 +91,13 @@ def standardised_per_position(maps: np.ndarray, reference: np.ndarray) -> np.nda
     return (maps - reference.mean(axis=0)) / np.maximum(spread, 0.1 * spread.mean())
 
 
-def shrunk_per_position(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def shrunk_per_position(maps: np.ndarray, reference: np.ndarray, shrink_centre: bool = True, shrink_variance: bool = True) -> np.ndarray:
     """``maps`` standardised per pixel position, each position's centre and variance shrunk toward the global ones.
 
     The weight is a method-of-moments (James-Stein) one: the variance between positions beyond what ``n`` reference
     maps' sampling noise explains, over that plus the noise. Where position carries nothing (a texture) the weight
-    falls to about 0 and this is a global standardisation; on aligned parts it nears 1.
+    falls to about 0 and this is a global standardisation; on aligned parts it nears 1. Either shrinkage can be
+    switched off (candidates (g) and (h)).
     """
     n = len(reference)
     centre, variance = reference.mean(axis=0), reference.var(axis=0, ddof=1)
@@ -106,8 +107,8 @@ def shrunk_per_position(maps: np.ndarray, reference: np.ndarray) -> np.ndarray:
         between = max(float(local.var() - noise.mean()), 0.0)
         return overall + between / (between + noise + 1e-12) * (local - overall)
 
-    centre = shrunk(centre, variance / n)
-    variance = shrunk(variance, 2 * variance**2 / (n - 1))
+    centre = shrunk(centre, variance / n) if shrink_centre else centre
+    variance = shrunk(variance, 2 * variance**2 / (n - 1)) if shrink_variance else variance
     spread = np.sqrt(np.maximum(variance, 0.0))
     return (maps - centre) / np.maximum(spread, 0.1 * spread.mean())
 
@@ -176,6 +177,17 @@ def main() -> None:
         )
         candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = np.max([*map_each_pp, coarse_pp], axis=0)
         candidates["(f) parts: scales, the score flow per position (shrunk, training)"] = np.max([*map_each, coarse_pp], axis=0)
+
+        def every_part_per_position(**shrink: bool) -> np.ndarray:
+            parts = [(per_scale[:, i], stopping_per_scale[:, i], trained_per_scale[:, i]) for i in range(per_scale.shape[1])]
+            parts.append((coarse, stopping_coarse.mean(axis=1), trained_coarse))
+            return np.max([
+                standardised_on(top_mean(shrunk_per_position(test, trained, **shrink), 0.01), top_mean(shrunk_per_position(stop, trained, **shrink), 0.01))
+                for test, stop, trained in parts
+            ], axis=0)
+
+        candidates["(g) as (e), the variance not shrunk"] = every_part_per_position(shrink_variance=False)
+        candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
     if args.json:
