@@ -188,6 +188,12 @@ def main() -> None:
 
         candidates["(g) as (e), the variance not shrunk"] = every_part_per_position(shrink_variance=False)
         candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
+        trained_whole = trained_per_scale.mean(axis=1)
+        whole_pp = top_mean(shrunk_per_position(maps, trained_whole), 0.01)
+        candidates["(i) the two flows' whole maps per position (shrunk), the larger"] = np.maximum(
+            standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01)), coarse_pp
+        )
+        candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     print(json.dumps(row))
     if args.json:
