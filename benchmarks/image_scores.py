@@ -15,7 +15,9 @@ mean, the largest of each map-flow scale and the score flow (uflow's score
 before the per-position step), the largest of every scale of both flows, and
 (e) and (f): every part, or the score flow's alone, standardised per position
 with shrinkage first (computed here in NumPy, independently of uflow's own
-code; (e) is uflow's score now). Every image is scored once at the model's resolution,
+code; (e) is uflow's score now); (g) and (h), (e) with the variance or
+nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
+flow's alone, per position. Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
 come from the score alone. Used to fix uflow's image score
@@ -164,19 +166,6 @@ def main() -> None:
         candidates["largest of every scale of both flows, standardised"] = np.max([*map_each, *coarse_each], axis=0)
         # Per-position parts: each part's maps standardised per position (shrunk) on the training images first.
         trained_per_scale, trained_coarse = scale_maps(model, trained), score_flow_maps(model, trained)
-        map_each_pp = [
-            standardised_on(
-                top_mean(shrunk_per_position(per_scale[:, i], trained_per_scale[:, i]), 0.01),
-                top_mean(shrunk_per_position(stopping_per_scale[:, i], trained_per_scale[:, i]), 0.01),
-            )
-            for i in range(per_scale.shape[1])
-        ]
-        coarse_pp = standardised_on(
-            top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
-            top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
-        )
-        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = np.max([*map_each_pp, coarse_pp], axis=0)
-        candidates["(f) parts: scales, the score flow per position (shrunk, training)"] = np.max([*map_each, coarse_pp], axis=0)
 
         def every_part_per_position(**shrink: bool) -> np.ndarray:
             parts = [(per_scale[:, i], stopping_per_scale[:, i], trained_per_scale[:, i]) for i in range(per_scale.shape[1])]
@@ -186,6 +175,12 @@ def main() -> None:
                 for test, stop, trained in parts
             ], axis=0)
 
+        coarse_pp = standardised_on(
+            top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
+            top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
+        )
+        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = every_part_per_position()
+        candidates["(f) parts: scales, the score flow per position (shrunk, training)"] = np.max([*map_each, coarse_pp], axis=0)
         candidates["(g) as (e), the variance not shrunk"] = every_part_per_position(shrink_variance=False)
         candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
         trained_whole = trained_per_scale.mean(axis=1)
