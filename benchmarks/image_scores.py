@@ -17,7 +17,8 @@ before the per-position step), the largest of every scale of both flows, and
 with shrinkage first (computed here in NumPy, independently of uflow's own
 code; (e) is uflow's score now); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
-flow's alone, per position. Every image is scored once at the model's resolution,
+flow's alone, per position. It also prints how much weight (e) gives each
+position's own centre, per part (0: global, 1: fully per position). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
 come from the score alone. Used to fix uflow's image score
@@ -115,6 +116,14 @@ def shrunk_per_position(maps: np.ndarray, reference: np.ndarray, shrink_centre: 
     return (maps - centre) / np.maximum(spread, 0.1 * spread.mean())
 
 
+def centre_weight(reference: np.ndarray) -> float:
+    """The mean over positions of the weight :func:`shrunk_per_position` gives each position's own centre."""
+    noise = reference.var(axis=0, ddof=1) / len(reference)
+    centre = reference.mean(axis=0)
+    between = max(float(centre.var() - noise.mean()), 0.0)
+    return float((between / (between + noise + 1e-12)).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -180,6 +189,9 @@ def main() -> None:
             top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
         )
         candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = every_part_per_position()
+        # How far (e) trusts each position's own centre: 0 is a global standardisation, 1 a fully per-position one.
+        weights = [round(centre_weight(trained_per_scale[:, i]), 2) for i in range(per_scale.shape[1])]
+        weights.append(round(centre_weight(trained_coarse), 2))
         candidates["(f) parts: scales, the score flow per position (shrunk, training)"] = np.max([*map_each, coarse_pp], axis=0)
         candidates["(g) as (e), the variance not shrunk"] = every_part_per_position(shrink_variance=False)
         candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
@@ -190,6 +202,8 @@ def main() -> None:
         )
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
+    if model.score_flow is not None:
+        row["(e)'s centre weight per part, mean over positions"] = weights
     print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps(row, indent=2) + "\n")

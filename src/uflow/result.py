@@ -23,8 +23,9 @@ class Prediction:
     ``score`` says how many spreads of held-out normal images' scores the image
     lies above their mean, by the part of the model that finds it most unusual
     (each part's raw score is the mean of the highest 1 % of an unsmoothed map on
-    the model's input grid: each of the map flow's scales alone, and the score
-    flow's map; see :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
+    the model's input grid, standardised per pixel position on the training
+    images: each of the map flow's scales alone, and the score flow's map; see
+    :mod:`uflow.anomaly_map`). With segmentation on, ``log10_nfa`` is the per-pixel log10
     Number of False Alarms (inf where no candidate region covers the pixel),
     ``mask`` the detections' pixels and ``regions`` the detections; ``label``
     is "anomalous" when the image is flagged. By default the run's promise
