@@ -17,7 +17,8 @@ before the per-position step), the largest of every scale of both flows, and
 with shrinkage first (computed here in NumPy, independently of uflow's own
 code; (e) is uflow's score now); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
-flow's alone, per position. It also prints how much weight (e) gives each
+flow's alone, per position; (k), (e)'s parts and the map flow's whole
+map per position, the largest. It also prints how much weight (e) gives each
 position's own centre, per part (0: global, 1: fully per position). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
@@ -188,7 +189,8 @@ def main() -> None:
             top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
             top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
         )
-        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = every_part_per_position()
+        every_part = every_part_per_position()
+        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = every_part
         # How far (e) trusts each position's own centre: 0 is a global standardisation, 1 a fully per-position one.
         weights = [round(centre_weight(trained_per_scale[:, i]), 2) for i in range(per_scale.shape[1])]
         weights.append(round(centre_weight(trained_coarse), 2))
@@ -197,10 +199,10 @@ def main() -> None:
         candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
         trained_whole = trained_per_scale.mean(axis=1)
         whole_pp = top_mean(shrunk_per_position(maps, trained_whole), 0.01)
-        candidates["(i) the two flows' whole maps per position (shrunk), the larger"] = np.maximum(
-            standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01)), coarse_pp
-        )
+        whole_part = standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01))
+        candidates["(i) the two flows' whole maps per position (shrunk), the larger"] = np.maximum(whole_part, coarse_pp)
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
+        candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     if model.score_flow is not None:
         row["(e)'s centre weight per part, mean over positions"] = weights

@@ -221,6 +221,135 @@ def integrate_to(curve: Curve, limit: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
+@dataclass(frozen=True)
+class PixelDifference:
+    """A pixel metric of system a minus system b on the same test images, its spread from resampling images.
+
+    ``low`` and ``high`` bound the 95 % confidence interval of the difference and ``p_value`` is the two-sided
+    p-value of "both are equal", both from the resampled standard error with a small-sample correction (see
+    :func:`paired_pixel_differences`).
+    """
+
+    metric: str
+    value_a: float
+    value_b: float
+    difference: float
+    standard_error: float
+    low: float
+    high: float
+    p_value: float
+    resamples: int
+
+
+class _PerImagePixels:
+    """One system's pixel statistics kept per image, so that any resample of the images costs no pixel work.
+
+    ``pairs[i, j]`` counts the (defective pixel of image i, normal pixel of image j) pairs ordered right, ties
+    half: any weighting of the images gives the pooled pixel AUROC exactly. For AUPRO, the share of each
+    image's normal pixels and of each defect region's pixels at or above thresholds set at a fine grid of
+    pooled false positive rates (``grid`` steps up to ``top``): a resample's PRO curve through those points.
+    """
+
+    def __init__(self, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], grid: int, top: float):
+        values = [np.asarray(m, dtype=np.float32).ravel() for m in maps]
+        truth = [np.asarray(g, dtype=bool) for g in masks]
+        negatives = [np.sort(v[~g.ravel()]) for v, g in zip(values, truth)]
+        positives = [v[g.ravel()] for v, g in zip(values, truth)]
+        n = len(values)
+        self.n_negative = np.array([x.size for x in negatives], dtype=np.float64)
+        self.n_positive = np.array([x.size for x in positives], dtype=np.float64)
+        every_positive = np.concatenate(positives)
+        owner = np.repeat(np.arange(n), self.n_positive.astype(int))
+        self.pairs = np.empty((n, n))
+        for j, normal in enumerate(negatives):
+            below = np.searchsorted(normal, every_positive, side="left")
+            not_above = np.searchsorted(normal, every_positive, side="right")
+            self.pairs[:, j] = np.bincount(owner, weights=(below + not_above) / 2.0, minlength=n)
+        pooled = np.sort(np.concatenate(negatives))
+        counts = np.ceil(np.linspace(0.0, top, grid + 1) * pooled.size).astype(int)
+        # Descending thresholds: above every normal pixel, then the value that flags each grid count.
+        thresholds = np.r_[np.nextafter(pooled[-1], np.inf), pooled[pooled.size - counts[1:]]]
+        self.normal_at_or_above = np.stack([x.size - np.searchsorted(x, thresholds, side="left") for x in negatives])
+        overlaps, self.region_image = [], []
+        for i, (v, g) in enumerate(zip(values, truth)):
+            labels, count = ndimage.label(g, structure=_EIGHT_CONNECTED)
+            flat = labels.ravel()
+            for region in range(1, count + 1):
+                inside = np.sort(v[flat == region])
+                overlaps.append((inside.size - np.searchsorted(inside, thresholds, side="left")) / inside.size)
+                self.region_image.append(i)
+        self.overlap = np.stack(overlaps) if overlaps else np.empty((0, thresholds.size))
+        self.region_image = np.asarray(self.region_image, dtype=int)
+
+    def auroc(self, weights: np.ndarray) -> np.ndarray:
+        """Pooled pixel AUROC for each row of image ``weights`` (B, N)."""
+        ordered = np.einsum("bi,ij,bj->b", weights, self.pairs, weights)
+        return ordered / ((weights @ self.n_positive) * (weights @ self.n_negative))
+
+    def aupro(self, weights: np.ndarray, fpr_limit: float) -> np.ndarray:
+        """AUPRO up to ``fpr_limit`` for each row of image ``weights`` (B, N), through the grid's points."""
+        fpr = (weights @ self.normal_at_or_above) / (weights @ self.n_negative)[:, None]
+        region_weights = weights[:, self.region_image]
+        pro = (region_weights @ self.overlap) / region_weights.sum(axis=1)[:, None]
+        if (fpr[:, -1] < fpr_limit).any():
+            raise ValueError("the threshold grid stops short of the FPR limit; raise its top")
+        # integrate_to on every row at once: trapezoids from (0, 0), the one across the limit cut there.
+        x = np.concatenate([np.zeros((len(fpr), 1)), fpr], axis=1)
+        y = np.concatenate([np.zeros((len(pro), 1)), pro], axis=1)
+        step = np.diff(x, axis=1)
+        width = np.clip(np.minimum(x[:, 1:], fpr_limit) - x[:, :-1], 0.0, None)
+        end = y[:, :-1] + np.divide(width, step, out=np.zeros_like(step), where=step > 0) * np.diff(y, axis=1)
+        return (width * (y[:, :-1] + end) / 2).sum(axis=1) / fpr_limit
+
+
+def paired_pixel_differences(
+    maps_a: Sequence[np.ndarray],
+    maps_b: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    resamples: int = 2000,
+    seed: int = 0,
+    fpr_limit: float = PRO_FPR_LIMIT,
+) -> dict[str, PixelDifference]:
+    """Compare two systems' pixel AUROC and AUPRO on the same test images, resampling whole images.
+
+    Pixels of one image are not independent (a defect, a lighting change or a texture patch moves many at
+    once), so a pixel-level test would take millions of pixels for millions of observations; the paired
+    bootstrap over images (normal and defective images resampled separately, the same draw for both systems)
+    keeps each image's pixels together. Written by hand because no library resamples clustered pixel metrics.
+    The values reported are exact; resampled AUPROs go through a grid of 4,000 pooled false positive rates
+    (tested to agree with the exact AUPRO within 0.001).
+    """
+    if not len(maps_a) == len(maps_b) == len(masks):
+        raise ValueError(f"{len(maps_a)} and {len(maps_b)} maps for {len(masks)} masks")
+    defective = np.array([np.asarray(g, dtype=bool).any() for g in masks])
+    if defective.sum() < 2 or (~defective).sum() < 2:
+        raise ValueError("a paired pixel comparison needs 2 images with a defect and 2 without at least")
+    # Few images carry the defects, and with G of them the plain bootstrap is too sure of itself (in the tests'
+    # simulation a normal-approximation test rejected 8.7 % to 9.7 % of equally good pairs at 5 %): as for
+    # cluster-robust errors, the variance is inflated by G / (G - 1) and read against Student's t with G - 1 degrees.
+    clusters = int(min(defective.sum(), (~defective).sum()))
+    grid, top = 4000, min(1.0, 2 * fpr_limit)
+    systems = [_PerImagePixels(maps, masks, grid, top) for maps in (maps_a, maps_b)]
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((resamples, len(masks)))
+    for group in (np.flatnonzero(defective), np.flatnonzero(~defective)):
+        picked = group[rng.integers(0, group.size, size=(resamples, group.size))]
+        np.add.at(draws, (np.arange(resamples)[:, None], picked), 1.0)
+    exact = [PixelStatistics(maps, masks) for maps in (maps_a, maps_b)]
+    out = {}
+    for metric, value, resampled in (
+        ("pixel_auroc", lambda s: s.auroc(), lambda s: s.auroc(draws)),
+        ("aupro", lambda s: s.aupro(fpr_limit), lambda s: s.aupro(draws, fpr_limit)),
+    ):
+        a, b = value(exact[0]), value(exact[1])
+        error = float(np.std(resampled(systems[0]) - resampled(systems[1]), ddof=1)) * np.sqrt(clusters / (clusters - 1))
+        difference = a - b
+        p_value = 1.0 if error == 0.0 else float(2 * stats.t.sf(abs(difference) / error, clusters - 1))
+        half = float(stats.t.ppf(0.975, clusters - 1)) * error
+        out[metric] = PixelDifference(metric, a, b, difference, error, difference - half, difference + half, p_value, resamples)
+    return out
+
+
 def iou_per_image(detected: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
     """IoU of each image's detection mask; 1 for an empty prediction on an empty ground truth."""
     out = np.empty(len(masks))
