@@ -3,7 +3,7 @@
     python benchmarks/decisions.py RUN_DIR CATEGORY_DIR [--json FILE]
 
 For each rule of ``uflow.calibration`` (the most significant region, the image
-score, either of the two standardised), the run's promise is set again on its own calibration images
+score), the run's promise is set again on its own calibration images
 and measured on its verification images (normal images only, as ``fit`` does),
 then the category's test set is evaluated as ``uflow evaluate`` does: normal
 and defective test images flagged, the share of defective images the best
@@ -47,10 +47,9 @@ def main() -> None:
     if was is None:
         raise SystemExit(f"{args.run}: the run has no false-alarm promise (made before uflow set one); refit it")
     cal, ver = held_out(model, "calibration_images"), held_out(model, "verification_images")
-    stopping = held_out(model, "val_images")  # what "either" standardises on
     rows = {}
     for decision in DECISIONS:
-        model.calibration.promise = make_promise(cal, ver, was.requested_rate, was.test_count, was.null, was.requested_confidence, decision, stopping)
+        model.calibration.promise = make_promise(cal, ver, was.requested_rate, was.test_count, was.null, was.requested_confidence, decision)
         m = evaluate(model, args.category, report=False, progress=False).metrics
         rows[decision] = {
             "verification": f"{model.calibration.promise.verification_flagged}/{len(ver)}",

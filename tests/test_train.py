@@ -44,7 +44,7 @@ def test_fit_with_a_disk_cache_gives_a_working_model(brick, tmp_path, monkeypatc
     assert set(Path(tempfile.gettempdir()).glob("uflow-features-*")) <= before, "no disk cache left behind"
 
 
-@pytest.mark.parametrize("decision", ["region", "score", "either"])
+@pytest.mark.parametrize("decision", ["region", "score"])
 def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_trains(tmp_path, decision):
     from uflow.textures import make_texture_dataset
 
@@ -61,14 +61,12 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
     # What the run records is what predict then does: its verification images flagged as counted at fit time,
     # and at most k - 1 of its calibration images (the threshold is the k-th smallest of their values).
     promise = model.calibration.promise
-    assert promise.decision == decision and (promise.score_threshold is not None) == (decision != "region")
-    assert (promise.region_cut is not None) == (decision == "either")
+    assert promise.decision == decision and (promise.score_threshold is not None) == (decision == "score")
     predictions = model.predict(t["verification_images"])
     assert sum(p.is_anomalous for p in predictions) == promise.verification_flagged
     assert all(p.mask.any() for p in predictions if p.is_anomalous)  # a flagged image always shows where
-    if decision != "region":
-        smallest = [float(p.log10_nfa.min()) for p in predictions]
-        assert [p.is_anomalous for p in predictions] == promise.flags([p.score for p in predictions], smallest).tolist()
+    if decision == "score":
+        assert [p.is_anomalous for p in predictions] == [p.score > promise.score_threshold for p in predictions]
     k = round(promise.rate * (promise.calibration_images + 1))
     assert sum(p.is_anomalous for p in model.predict(t["calibration_images"])) <= k - 1
     if decision == "score":  # labels without segmentation are the same, verified ones
@@ -76,15 +74,13 @@ def test_a_validation_folder_holds_out_its_images_and_the_whole_training_folder_
         with_masks = [p.label for p in model.predict(images)]
         assert [p.label for p in model.predict(images, segmentation=False)] == with_masks
         assert {"normal", "anomalous"} == set(with_masks), with_masks  # both kinds, so the comparison means something
-    if decision != "region":
         from uflow.evaluate import evaluate
 
         result = evaluate(model, category, tmp_path / "evaluation", progress=False)
         tests = sorted((category / "test").rglob("*.png"))
         flagged = {str(p.path) for p in model.predict(tests) if p.is_anomalous}
         assert {r["path"] for r in result.images if r["flagged"]} == flagged  # evaluate flags as predict decides
-        report = (tmp_path / "evaluation" / "report.html").read_text()
-        assert "Automatic threshold: image score &gt;" in report and ("or a region with log10 NFA &lt;" in report) == (decision == "either")
+        assert "Automatic threshold: image score &gt;" in (tmp_path / "evaluation" / "report.html").read_text()
 
 
 def _random_cache(n: int, seed: int) -> FeatureCache:

@@ -12,12 +12,7 @@ flagged, and which statistic flags it is the run's *decision*:
 * ``"score"``: its image score is above the score threshold; the mask of a
   flagged image is its regions below the region threshold, or its most
   significant region when none is (unflagged images have no regions), and
-  images scored without segmentation get the same verified labels;
-* ``"either"``: the larger of its two statistics, each standardised by its
-  mean and spread on the run's stopping images (a transform fixed before any
-  calibration image is seen), passes one threshold; that is, its score is
-  above a score threshold or its most significant region below a region cut,
-  both stricter than either alone. Masks as for ``"score"``.
+  images scored without segmentation get the same verified labels.
 
 The default is the region: on the ELPV poly development set it detected
 59.2 % of the defective cells at its threshold against the score's 46.0 %
@@ -59,8 +54,8 @@ from .segmentation import TEST_COUNTS, Segmentation, TestCount, segment, smalles
 
 Null = Literal["calibrated", "theoretical"]
 NULLS: tuple[str, ...] = ("calibrated", "theoretical")
-Decision = Literal["region", "score", "either"]
-DECISIONS: tuple[str, ...] = ("region", "score", "either")
+Decision = Literal["region", "score"]
+DECISIONS: tuple[str, ...] = ("region", "score")
 DECISION: Decision = "region"  # see the module docstring
 FALSE_ALARM_RATE = 0.05  # default promise: at most 5 % of normal images get any detection
 PROMISE_CONFIDENCE = 0.9  # ... with this probability for the run at hand (None: on average over runs)
@@ -168,28 +163,13 @@ class Promise:
     confidence: float | None = None
     # What flags an image (see the module docstring); runs made before the choice existed decided on regions.
     decision: Decision = "region"
-    score_threshold: float | None = None  # images scoring above it are flagged (decisions "score" and "either")
-    region_cut: float | None = None  # ... or with a region below it (decision "either"; else the region threshold or none)
+    score_threshold: float | None = None  # images scoring above it are flagged (decision "score")
 
     def flags(self, scores: Sequence[float], smallest_log10_nfa: Sequence[float]) -> np.ndarray:
         """Which images the promise's decision flags, from their image scores and smallest log10 NFAs."""
-        return self.score_flags(scores) | (np.asarray(smallest_log10_nfa, dtype=np.float64) < self.flag_below)
-
-    def score_flags(self, scores: Sequence[float]) -> np.ndarray:
-        """Which images the score alone flags (none for the region decision)."""
-        scores = np.asarray(scores, dtype=np.float64)
-        if self.decision == "region" or self.score_threshold is None:
-            return np.zeros(scores.shape, dtype=bool)
-        return scores > self.score_threshold
-
-    @property
-    def flag_below(self) -> float:
-        """An image whose most significant region's log10 NFA is below this is flagged (-inf: regions never flag)."""
-        if self.decision == "either" and self.region_cut is not None:
-            return self.region_cut
         if self.decision == "score" and self.score_threshold is not None:
-            return -math.inf
-        return self.log10_nfa_threshold
+            return np.asarray(scores, dtype=np.float64) > self.score_threshold
+        return np.asarray(smallest_log10_nfa, dtype=np.float64) < self.log10_nfa_threshold
 
     @property
     def target_rate(self) -> float:
@@ -204,10 +184,7 @@ class Promise:
         return self.requested_confidence is not None and (self.confidence or 0.0) < self.requested_confidence - 1e-12
 
     def to_dict(self) -> dict[str, Any]:
-        out = dict(vars(self))
-        if out["region_cut"] is None:  # runs that do not decide on "either" stay readable by uflow before it
-            del out["region_cut"]
-        return out
+        return dict(vars(self))
 
 
 @dataclass(frozen=True)
@@ -235,41 +212,30 @@ def make_promise(
     null: str,
     confidence: float | None = PROMISE_CONFIDENCE,
     decision: Decision = DECISION,
-    reference: HeldOut | None = None,
 ) -> Promise:
     """Set the thresholds on the calibration images and measure the decision on the verification images.
 
     The region threshold is always set (it draws the masks); with ``decision="score"`` the score
-    threshold, at the same rank rule, decides which images are flagged. ``decision="either"`` needs the
-    ``reference`` (stopping) images, which standardise both statistics before their larger one is ranked.
+    threshold, at the same rank rule, decides which images are flagged.
     """
     if decision not in DECISIONS:
         raise UFlowError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     threshold, rank = conformal_threshold(calibration.smallest_log10_nfa, requested, confidence)
-    score_threshold, region_cut, side = None, None, "smallest"
+    score_threshold, side = None, "smallest"
     if decision == "score":
         negated, rank = conformal_threshold(-calibration.scores, requested, confidence)
         score_threshold, side = -negated, "largest"
-    elif decision == "either":
-        if reference is None or len(reference) < 2:
-            raise UFlowError("the decision 'either' needs 2 stopping images at least to standardise its two statistics")
-        (score_centre, score_spread), (nfa_centre, nfa_spread) = (_centre_spread(v) for v in (reference.scores, -reference.smallest_log10_nfa))
-        larger = np.maximum((calibration.scores - score_centre) / score_spread, (-calibration.smallest_log10_nfa - nfa_centre) / nfa_spread)
-        negated, rank = conformal_threshold(-larger, requested, confidence)
-        # Flagged when the larger standardised statistic exceeds -negated: each statistic's own cut.
-        score_threshold, region_cut, side = score_centre - score_spread * negated, -(nfa_centre - nfa_spread * negated), "largest"
     n_cal, n_ver = len(calibration), len(verification)
     promise = Promise(
         requested_rate=requested, rate=rank.mean_rate, log10_nfa_threshold=threshold, test_count=test_count, null=null,
         calibration_images=n_cal, verification_images=n_ver, verification_flagged=0, verification_rate=None, verification_upper_95=1.0,
         note="", requested_confidence=confidence, confidence=rank.confidence, decision=decision, score_threshold=score_threshold,
-        region_cut=region_cut,
     )  # fmt: skip
     flagged = int(promise.flags(verification.scores, verification.smallest_log10_nfa).sum())
     promise.verification_flagged = flagged
     promise.verification_rate = flagged / n_ver if n_ver else None
     promise.verification_upper_95 = upper = binomial_upper_bound(flagged, n_ver)
-    what = {"region": "most significant region", "score": "image score", "either": "larger of score and region, standardised"}[decision]
+    what = "image score" if decision == "score" else "most significant region"
     where = f"decided on the {what}, at the {_ordinal(rank.k)}{side} of {n_cal} calibration values"
     if rank.confidence is None:
         note = f"promise: at most {_pct(rank.mean_rate)} of normal images flagged on average over runs, {where}"
@@ -286,12 +252,6 @@ def make_promise(
         note += f" (too few to confirm {_pct(promise.target_rate)}: that needs {needed} with none flagged)"
     promise.note = note
     return promise
-
-
-def _centre_spread(values: np.ndarray) -> tuple[float, float]:
-    """Mean and population spread, the spread floored as the image score's parts are (1 % of the centre)."""
-    centre = float(np.mean(values))
-    return centre, max(float(np.std(values)), 0.01 * abs(centre), 1e-6)
 
 
 def _ordinal(k: int) -> str:
@@ -340,10 +300,7 @@ class Calibration:
 
     @property
     def image_threshold(self) -> float:
-        """The score above which an image is anomalous when it is not segmented: the promise's, else the largest validation score.
-
-        For the decision "either" that is its score part: it flags a subset of what the verified decision flags.
-        """
+        """The score above which an image is anomalous when it is not segmented: the promise's, else the largest validation score."""
         if self.promise is not None and self.promise.score_threshold is not None:
             return self.promise.score_threshold
         return self.score_threshold
@@ -384,15 +341,14 @@ class Calibration:
         """
         threshold = self.log10_threshold(epsilon, test_count, null)
         stats, dofs, per_sample = self._null(stats, channels, null)
-        keep, flag_below = None, None
+        thresholds, keep = threshold, None
         promise = self.promise
-        if epsilon is None and promise is not None and promise.decision != "region" and promise.score_threshold is not None:
+        if epsilon is None and promise is not None and promise.decision == "score" and promise.score_threshold is not None:
             if scores is None:
                 raise ValueError("this run decides on image scores: pass them")
-            keep, flag_below = promise.score_flags(scores), promise.flag_below
-        return segment(
-            stats, dofs, sizes, log10_epsilon=threshold, test_count=test_count, pixels_per_sample=per_sample, keep_most_significant=keep, flag_below=flag_below
-        )
+            keep = np.asarray(scores, dtype=np.float64) > promise.score_threshold
+            thresholds = np.where(keep, threshold, -np.inf)  # only flagged images have regions
+        return segment(stats, dofs, sizes, log10_epsilon=thresholds, test_count=test_count, pixels_per_sample=per_sample, keep_most_significant=keep)
 
     def smallest_log10_nfa(self, stats: Sequence[np.ndarray], channels: Sequence[int], test_count: TestCount, null: Null) -> np.ndarray:
         """Per image, the log10 NFA of its most significant region: it is flagged iff this is below the threshold."""

@@ -123,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decision",
         choices=list(DECISIONS),
         default=DECISION,
-        help=f"what flags an image at the automatic threshold: its most significant region, its score, or either, "
-        f"each standardised on the stopping images (default {DECISION})",
+        help=f"what flags an image at the automatic threshold: its most significant region or its score (default {DECISION})",
     )
     fit.add_argument("--calibration-fraction", type=float, default=0.25, help="share of normal images that set the threshold (default 0.25)")
     fit.add_argument(
@@ -369,7 +368,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         "epsilon": args.epsilon,
         "log10_nfa_threshold": model.calibration.log10_threshold(args.epsilon, args.test_count, args.null) if not args.no_segmentation else None,
         # What labelled the images: the score (and its threshold) when nothing is segmented or the run decides on it.
-        "decision": "score" if by_score else (model.calibration.promise.decision if model.calibration.promise and args.epsilon is None else "region"),
+        "decision": "score" if by_score else "region",
         "score_threshold": model.calibration.image_threshold if by_score else None,
         "score_threshold_verified": by_score and getattr(model.calibration.promise, "score_threshold", None) is not None,
         "test_count": args.test_count,

@@ -225,7 +225,6 @@ def evaluate(
         "log10_nfa_threshold": log_eps,
         "decision": promise.decision if promise else "region",
         "score_threshold": promise.score_threshold if promise else None,
-        "region_cut": promise.region_cut if promise else None,
         "threshold_from": promise.note if promise else ("epsilon" if epsilon is not None else "epsilon = 1 (run without a promise)"),
         "test_count": test_count,
         "null": null,

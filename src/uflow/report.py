@@ -126,8 +126,8 @@ def _figures(evaluation: Evaluation, folder: Path, score_threshold: float) -> li
         finite = np.isfinite(miou.x)
         fig, ax = plt.subplots(figsize=(4.2, 4))
         ax.plot(miou.x[finite], miou.y[finite])
-        # A run that decides on the score (or either) segments only flagged images: its automatic mIoU is not a point of this curve.
-        shown = ("auto", "fair", "oracle") if evaluation.settings.get("decision", "region") == "region" else ("fair", "oracle")
+        # A run that decides on the score segments only flagged images: its automatic mIoU is not a point of this curve.
+        shown = ("fair", "oracle") if evaluation.settings.get("decision") == "score" else ("auto", "fair", "oracle")
         for name, colour in (("auto", "#d62728"), ("fair", "#2ca02c"), ("oracle", "#9467bd")):
             if name not in shown:
                 continue
@@ -178,12 +178,9 @@ def _automatic(settings: dict) -> str:
     """What flags an image at the automatic threshold, in HTML."""
     regions = f"log10 NFA &lt; {settings['log10_nfa_threshold']:.3g}"
     score = settings.get("score_threshold")
-    if settings.get("decision", "region") == "region" or score is None:
+    if settings.get("decision") != "score" or score is None:
         return regions
-    masks = f"(masks: regions with {regions}, else the most significant one)"
-    if settings.get("decision") == "either":
-        return f"image score &gt; {score:.3g} or a region with log10 NFA &lt; {settings['region_cut']:.3g} {masks}"
-    return f"image score &gt; {score:.3g} {masks}"
+    return f"image score &gt; {score:.3g} (masks: regions with {regions}, else the most significant one)"
 
 
 def write_report(

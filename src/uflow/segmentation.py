@@ -449,7 +449,6 @@ def segment(
     test_count: TestCount = "per_size",
     pixels_per_sample: Sequence[float] | None = None,
     keep_most_significant: Sequence[bool] | None = None,
-    flag_below: float | None = None,
 ) -> list[Segmentation]:
     """A contrario segmentation of a batch.
 
@@ -467,9 +466,6 @@ def segment(
     Where ``keep_most_significant`` is true and no leaf of the image is below
     its threshold, the image's most significant leaf (and any tied with it)
     is its detection: an image flagged on other grounds still shows where.
-    With ``flag_below``, an image is flagged when its most significant leaf
-    is below it or ``keep_most_significant`` is true for it, and only flagged
-    images have detections (a run's decision "score" or "either").
     """
     batch = len(output_sizes)
     thresholds = np.broadcast_to(np.asarray(log10_epsilon, dtype=np.float64), (batch,))
@@ -482,10 +478,7 @@ def segment(
         per_level = [simplify_tree(np.asarray(maps[b]), scorer) for maps, scorer in zip(chi2_maps, scorers)]
         threshold = thresholds[b]
         smallest = min(float(leaves.log10_nfa.min()) for leaves in per_level)
-        flagged = bool(keep[b]) or (flag_below is not None and smallest < flag_below)
-        if flag_below is not None and not flagged:
-            threshold = -np.inf
-        elif flagged and not smallest < threshold:
+        if keep[b] and not smallest < threshold:
             threshold = np.nextafter(smallest, np.inf)
         nfa_map = np.full(out, np.inf, dtype=np.float32)
         mask = np.zeros(out, dtype=bool)
@@ -508,7 +501,7 @@ def segment(
                 regions.extend(_regions(leaves.log10_nfa[significant], upsampled, level))
         regions.sort(key=lambda r: r.log10_nfa)
         # A kept leaf can cover no output pixel when the image is smaller than the latent grid; the image stays flagged.
-        results.append(Segmentation(nfa_map, mask, regions, bool(regions) or flagged))
+        results.append(Segmentation(nfa_map, mask, regions, bool(regions) or bool(keep[b])))
     return results
 
 

@@ -194,8 +194,8 @@ def fit(
     ``false_alarm_rate`` is the promise: the share of normal images allowed
     any detection at the default threshold, for this run with probability
     ``confidence`` (None: on average over runs, see :mod:`uflow.calibration`);
-    ``decision`` says what flags an image: its most significant region, its
-    score, or either (see :mod:`uflow.calibration`).
+    ``decision`` says what flags an image: its most significant region or its
+    score (see :mod:`uflow.calibration`).
     ``calibration_fraction`` of the images set that threshold and
     ``verification_fraction`` (0 allowed) check it; the result is
     ``model.calibration.promise``. When they are too few to certify or to
@@ -239,11 +239,6 @@ def fit(
         raise UFlowError(
             f"{data}: {len(paths)} normal images leave none to train on after {counts[0]} for validation, "
             f"{counts[1]} for calibration and {counts[2]} for verification; lower those fractions"
-        )
-    if decision == "either" and counts[0] < 2:
-        raise UFlowError(
-            f"{data}: decision 'either' standardises on the stopping images and {counts[0]} is too few (2 at least); "
-            "give more normal images or raise the validation fraction"
         )
     bounds = np.cumsum([0, *counts])
     val_paths, cal_paths, ver_paths = ([pool[i] for i in sorted(order[a:b])] for a, b in zip(bounds[:-1], bounds[1:]))
@@ -302,8 +297,6 @@ def fit(
     per_position = SCORE_PER_POSITION and len(train_feats) >= 2
     positions = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size) if per_position else None
     calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size, positions)
-    # The decision "either" standardises its two statistics on the stopping images: images that neither calibrate nor verify.
-    stopping = _held_out(flow, score_flow_model, spec, calibration, val_feats, size, dev, batch_size, positions) if decision == "either" else None
     del train_feats, val_feats, map_train, map_val
     held_out = [
         _held_out(
@@ -311,7 +304,7 @@ def fit(
         )
         for group in (cal_paths, ver_paths)
     ]
-    promise = make_promise(*held_out, false_alarm_rate, "per_size", "calibrated", confidence, decision, stopping)
+    promise = make_promise(*held_out, false_alarm_rate, "per_size", "calibrated", confidence, decision)
     if promise.shortfall or promise.verification_images < images_to_verify(promise.target_rate):
         warnings.warn(promise.note, stacklevel=2)
     calibration.promise = promise
