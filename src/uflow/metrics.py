@@ -325,7 +325,8 @@ def paired_pixel_differences(
     if defective.sum() < 2 or (~defective).sum() < 2:
         raise ValueError("a paired pixel comparison needs 2 images with a defect and 2 without at least")
     # Few images carry the defects, and with G of them the plain bootstrap is too sure of itself (in the tests'
-    # simulation a normal-approximation test rejected 8.7 % to 9.7 % of equally good pairs at 5 %): as for
+    # simulation, 20 defective images of 60, a normal-approximation test rejected 9.7 % (pixel AUROC) and 8.3 %
+    # (AUPRO) of equally good pairs at 5 %): as for
     # cluster-robust errors, the variance is inflated by G / (G - 1) and read against Student's t with G - 1 degrees.
     clusters = int(min(defective.sum(), (~defective).sum()))
     grid, top = 4000, min(1.0, 2 * fpr_limit)
