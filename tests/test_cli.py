@@ -117,6 +117,7 @@ def test_evaluate_prints_the_table_and_writes_the_report(run_dir, brick, tmp_pat
     res = uflow_cli("evaluate", run_dir, brick, "--out", out, "--quiet")
     assert res.returncode == 0, res.stderr
     assert "px AUROC" in res.stdout and "report.html" in res.stdout
+    assert "95 % intervals" in res.stdout and "brick: img AUROC" in res.stdout
     assert json.loads((out / "metrics.json").read_text())["category"] == "brick"
     _one_line_error(uflow_cli("evaluate", run_dir, tmp_path, "--quiet"), "no test folder")
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from uflow.errors import UFlowError
 from uflow.evaluate import evaluate, mvtec_test_set
-from uflow.tables import format_table
+from uflow.tables import format_intervals, format_table
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,12 @@ def test_metrics_are_computed_and_written(evaluated, brick):
     assert "held-out validation images" in on_disk["settings"]["fair_threshold_from"]
     table = format_table([("brick", m)])
     assert "img AUROC" in table and "brick" in table
+    for key in ("image_auroc", "pixel_auroc", "aupro"):  # each with its 95 % interval, from these 7 images
+        low, high = m[f"{key}_interval"]
+        assert 0.0 <= low <= m[key] <= high <= 1.0, key
+        assert low < high or (key == "image_auroc" and m[key] == 1.0), key  # DeLong's is empty only when every pair is ordered
+    assert "brick: img AUROC " in format_intervals([("brick", m)])
+    assert "95 % intervals" in (out / "report.html").read_text()
 
 
 def test_report_links_only_existing_images(evaluated):

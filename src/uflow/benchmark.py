@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .files import atomic_write_text
 from .errors import UFlowError
 from .evaluate import evaluate, json_text
-from .tables import format_table
+from .tables import format_intervals, format_table
 from .report import write_benchmark_page
 from .train import fit
 
@@ -93,4 +93,7 @@ def run_benchmark(
     note = f"{len(rows)} categories from {Path(root).resolve()}; fit options {fit_options or 'default'}"
     write_benchmark_page(out, rows, reports, note)
     print(format_table(rows, with_mean=True))
+    intervals = format_intervals(rows)
+    if intervals:
+        print(intervals)
     return rows

@@ -470,7 +470,7 @@ def _segmentation_options(args: argparse.Namespace) -> dict:
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
-    from .tables import format_table
+    from .tables import format_intervals, format_table
     from .model import load
 
     model = load(args.run_dir, device=args.device, weights=args.weights, allow_download=not args.no_download)
@@ -479,6 +479,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         model, args.data, out, batch_size=args.batch_size, report=not args.no_report, progress=_progress_bars(args), **_segmentation_options(args)
     )
     print(format_table([(result.category, result.metrics)]))
+    intervals = format_intervals([(result.category, result.metrics)])
+    if intervals:
+        print(intervals)
     print(f"metrics: {out / 'metrics.json'}")
     if not args.no_report:
         print(f"report:  {(out / 'report.html').resolve()}")

@@ -20,7 +20,7 @@ from PIL import Image
 from .files import atomic_write_text
 from .errors import UFlowError
 from .images import IMAGE_SUFFIXES, as_float_image, list_images, read_mask
-from .metrics import PixelStatistics, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve
+from .metrics import PixelStatistics, auroc_interval, fair_threshold, image_auroc, image_roc, iou_per_image, miou_at, miou_curve, pixel_intervals
 from .calibration import Null, binomial_upper_bound
 from .model import UFlowModel, to_model_input
 from .report import Panel, write_report
@@ -190,6 +190,9 @@ def evaluate(
         "normal_over_score_threshold": int((scores[~anomalous] > model.calibration.image_threshold).sum()),
         "n_val": len(val_nfa),
     }
+    # 95 % intervals, so a reader can tell which differences this test set resolves (uflow.metrics).
+    if min(metrics["n_anomalous"], n_normal) >= 2:
+        metrics["image_auroc_interval"] = auroc_interval(scores, anomalous).to_list()
     thresholds = {"auto": log_eps, "fair": fair_threshold(val_nfa)}
     curves = {"image_roc": roc}
     iou = np.full(len(items), np.nan)
@@ -207,6 +210,10 @@ def evaluate(
             miou_oracle=float(curve.y[best]),
         )
         curves.update(pixel_roc=pixels.roc(), pro=pixels.pro_curve(), miou=curve)
+        defective_images = sum(bool(t.any()) for t in truths)
+        if min(defective_images, len(truths) - defective_images) >= 2:
+            for key, interval in pixel_intervals(maps, truths).items():
+                metrics[f"{key}_interval"] = interval.to_list()
         iou = iou_per_image(detected, truths)
 
     records = []

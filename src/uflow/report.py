@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .files import atomic_write_text
 from .result import Evaluation
-from .tables import table_rows
+from .tables import INTERVALS_TITLE, interval_lines, table_rows
 from .visualize import overlay
 
 ASSETS = "report_files"
@@ -217,6 +217,7 @@ def write_report(
             f"&middot; fair threshold from {html.escape(s['fair_threshold_from'])}</p>",
             f'<p class="sub">Automatic threshold: {_automatic(s)}; {html.escape(s["threshold_from"])}</p>',
             _table_html([(evaluation.category, evaluation.metrics)], with_mean=False),
+            _intervals_html([(evaluation.category, evaluation.metrics)]),
             f"<p class=sub>{_METRIC_NOTES}</p>",
             '<div class="figs">' + "".join(f'<img src="{ASSETS}/{n}" alt="{html.escape(c)}" title="{html.escape(c)}">' for n, c in figures) + "</div>",
             f"<h2>Test images, worst misses first ({len(panels)} of {len(evaluation.images)})</h2>",
@@ -237,6 +238,11 @@ def write_report(
         if stale.name not in fresh:
             stale.unlink()
     return out / "report.html"
+
+
+def _intervals_html(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    lines = interval_lines(rows)
+    return f"<p class=sub>{html.escape(INTERVALS_TITLE)}: " + "; ".join(html.escape(line) for line in lines) + "</p>" if lines else ""
 
 
 def _page(title: str, body: str) -> str:
@@ -265,6 +271,7 @@ def write_benchmark_page(out: Path, rows: Sequence[tuple[str, dict[str, Any]]], 
             "<h1>uflow benchmark</h1>",
             f'<p class="sub">{html.escape(note)}</p>',
             _table_html(rows, with_mean=True, links=reports),
+            _intervals_html(rows),
             f"<p class=sub>{_METRIC_NOTES}</p>",
             *[_category_strip(Path(out), name, page) for name, page in reports.items()],
         ]

@@ -80,6 +80,26 @@ def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> l
     return out
 
 
+INTERVALS: tuple[tuple[str, str], ...] = (("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"))
+INTERVALS_TITLE = "95 % intervals (image AUROC: DeLong; pixel AUROC and AUPRO: the test images resampled)"
+
+
+def interval_lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Per category, each AUROC's and AUPRO's 95 % interval in percent, where ``evaluate`` could compute it."""
+    lines = []
+    for name, m in rows:
+        cells = [f"{title} {100 * m[key + '_interval'][0]:.2f} to {100 * m[key + '_interval'][1]:.2f}" for key, title in INTERVALS if m.get(key + "_interval")]
+        if cells:
+            lines.append(f"{name}: " + ", ".join(cells))
+    return lines
+
+
+def format_intervals(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """The lines of :func:`interval_lines` under their title, or nothing."""
+    lines = interval_lines(rows)
+    return "\n".join([INTERVALS_TITLE + ":", *("  " + line for line in lines)]) if lines else ""
+
+
 def format_table(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool = False) -> str:
     """A plain-text table: AUROC, AUPRO and F1 in percent, mIoU as a fraction."""
     cells = table_rows(rows, with_mean)
