@@ -212,7 +212,7 @@ def evaluate(
         curves.update(pixel_roc=pixels.roc(), pro=pixels.pro_curve(), miou=curve)
         defective_images = sum(bool(t.any()) for t in truths)
         if min(defective_images, len(truths) - defective_images) >= 2:
-            for key, interval in pixel_intervals(maps, truths).items():
+            for key, interval in pixel_intervals(maps, truths, exact=pixels).items():
                 metrics[f"{key}_interval"] = interval.to_list()
         iou = iou_per_image(detected, truths)
 
