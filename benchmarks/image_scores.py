@@ -18,7 +18,8 @@ with shrinkage first (computed here in NumPy, independently of uflow's own
 code; (e) is uflow's score now); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
 flow's alone, per position; (k), (e)'s parts and the map flow's whole
-map per position, the largest. It also prints how much weight (e) gives each
+map per position, the largest; (l) and (m), (e) with each part's top 5 %, or
+its standardised map smoothed by uflow's display blur first. It also prints how much weight (e) gives each
 position's own centre, per part (0: global, 1: fully per position). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 import uflow
-from uflow.anomaly_map import likelihood_map
+from uflow.anomaly_map import display_map, likelihood_map
 from uflow.evaluate import mvtec_test_set, model_resolution
 from uflow.metrics import image_auroc
 from uflow.model import UFlowModel, to_model_input
@@ -177,13 +178,18 @@ def main() -> None:
         # Per-position parts: each part's maps standardised per position (shrunk) on the training images first.
         trained_per_scale, trained_coarse = scale_maps(model, trained), score_flow_maps(model, trained)
 
-        def every_part_per_position(**shrink: bool) -> np.ndarray:
+        def every_part_per_position(share: float = 0.01, smooth: bool = False, **shrink: bool) -> np.ndarray:
             parts = [(per_scale[:, i], stopping_per_scale[:, i], trained_per_scale[:, i]) for i in range(per_scale.shape[1])]
             parts.append((coarse, stopping_coarse.mean(axis=1), trained_coarse))
-            return np.max([
-                standardised_on(top_mean(shrunk_per_position(test, trained, **shrink), 0.01), top_mean(shrunk_per_position(stop, trained, **shrink), 0.01))
-                for test, stop, trained in parts
-            ], axis=0)
+
+            def raw(maps: np.ndarray, trained: np.ndarray) -> np.ndarray:
+                standard = shrunk_per_position(maps, trained, **shrink)
+                if smooth:
+                    side = standard.shape[-1]
+                    standard = display_map(torch.from_numpy(standard.astype(np.float32)), (side, side)).numpy()
+                return top_mean(standard, share)
+
+            return np.max([standardised_on(raw(test, trained), raw(stop, trained)) for test, stop, trained in parts], axis=0)
 
         coarse_pp = standardised_on(
             top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
@@ -203,6 +209,8 @@ def main() -> None:
         candidates["(i) the two flows' whole maps per position (shrunk), the larger"] = np.maximum(whole_part, coarse_pp)
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
         candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
+        candidates["(l) as (e), each part's top 5 %"] = every_part_per_position(share=0.05)
+        candidates["(m) as (e), each part's standardised map smoothed first"] = every_part_per_position(smooth=True)
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     if model.score_flow is not None:
         row["(e)'s centre weight per part, mean over positions"] = weights
