@@ -82,7 +82,7 @@ def table_rows(rows: Sequence[tuple[str, dict[str, Any]]], with_mean: bool) -> l
 
 
 INTERVALS: tuple[tuple[str, str], ...] = (("image_auroc", "img AUROC"), ("pixel_auroc", "px AUROC"), ("aupro", "AUPRO"))
-INTERVALS_TITLE = "95 % intervals (image AUROC: DeLong; pixel AUROC and AUPRO: the test images resampled)"
+INTERVALS_TITLE = "95 % intervals (image AUROC: Newcombe's; pixel AUROC and AUPRO: the test images resampled)"
 
 
 def interval_lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
