@@ -56,6 +56,14 @@ def to_model_input(image: np.ndarray, image_size: int) -> torch.Tensor:
     return x[0]
 
 
+def flow_latents(
+    features: Sequence[torch.Tensor], spec: BackboneSpec, flow: UFlow, score_flow: UFlow | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The map flow's latents and the score flow's (None without one) from backbone features."""
+    latents, _ = flow([features[i] for i in spec.map_scales])
+    return latents, (score_flow([features[i] for i in spec.score_scales])[0] if score_flow is not None else None)
+
+
 def score_map_latents(
     features: Sequence[torch.Tensor],
     spec: BackboneSpec,
@@ -71,8 +79,7 @@ def score_map_latents(
     position by ``positions`` when the run has them (:func:`uflow.anomaly_map.map_and_raw_scores`), as
     :func:`uflow.anomaly_map.combined_score` says.
     """
-    latents, _ = flow([features[i] for i in spec.map_scales])
-    coarse = score_flow([features[i] for i in spec.score_scales])[0] if score_flow is not None else None
+    latents, coarse = flow_latents(features, spec, flow, score_flow)
     flow_map, scores = map_and_raw_scores(latents, coarse, (size, size), calibration.score_parts, positions)
     return combined_score(scores, calibration.score_centres, calibration.score_spreads), flow_map, latents
 

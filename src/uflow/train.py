@@ -33,7 +33,7 @@ from .errors import UFlowError
 from .flow import DEFAULT_BATCH_SIZE, DEFAULT_LR, FlowConfig, UFlow, negative_log_likelihood
 from .images import as_float_image, list_images, resolve_inputs
 from .calibration import DECISION, DECISIONS, Decision, FALSE_ALARM_RATE, PROMISE_CONFIDENCE, Calibration, HeldOut, check_rate, images_to_verify, make_promise
-from .model import UFlowModel, resolve_device, score_map_latents, to_model_input
+from .model import UFlowModel, flow_latents, resolve_device, score_map_latents, to_model_input
 from .anomaly_map import (
     SCORE_PARTS,
     SCORE_PER_POSITION,
@@ -519,9 +519,7 @@ def _position_statistics(
     """
     accumulator = PositionAccumulator()
     for start in range(0, len(feats), batch_size):
-        batch = feats.batch(slice(start, start + batch_size), dev)
-        z, _ = flow([batch[i] for i in spec.map_scales])
-        coarse = score_flow([batch[i] for i in spec.score_scales])[0] if score_flow is not None else None
+        z, coarse = flow_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow)
         accumulator.add(part_maps(z, coarse, (size, size), SCORE_PARTS)[1])
     return accumulator.statistics()
 
@@ -543,9 +541,7 @@ def _calibrate(
     stats: list[list[torch.Tensor]] = [[] for _ in spec.map_scales]
     n = len(val_feats)
     for start in range(0, n, batch_size):
-        feats = val_feats.batch(slice(start, start + batch_size), dev)
-        z, _ = flow([feats[i] for i in spec.map_scales])
-        coarse = score_flow([feats[i] for i in spec.score_scales])[0] if score_flow is not None else None
+        z, coarse = flow_latents(val_feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow)
         maps, parts = map_and_raw_scores(z, coarse, (size, size), SCORE_PARTS, positions)
         shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
         medians.append(shown.flatten(1).median(dim=1).values.cpu())
