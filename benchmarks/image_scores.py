@@ -126,6 +126,16 @@ def centre_weight(reference: np.ndarray) -> float:
     return float((between / (between + noise + 1e-12)).mean())
 
 
+def run_training_images(model: UFlowModel) -> list[Path]:
+    """The images the run's flows trained on: its data folder's images less the held-out ones it recorded."""
+    # The run records held-out images as absolute paths and its data folder as given (perhaps relative).
+    held_out = {Path(p).resolve() for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
+    trained = [p for p in training_images(model.training["data"]) if p.resolve() not in held_out]
+    if len(trained) != model.training["n_train"]:
+        raise SystemExit("the run's training images are not where it recorded them")
+    return trained
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -143,10 +153,7 @@ def main() -> None:
     stopping_paths = [Path(p) for p in model.training["val_images"]]
     stopping_per_scale = scale_maps(model, stopping_paths)
     stopping = stopping_per_scale.mean(axis=1)
-    # The run records held-out images as absolute paths and its data folder as given (perhaps relative).
-    held_out = {Path(p).resolve() for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
-    trained = [p for p in training_images(model.training["data"]) if p.resolve() not in held_out]
-    assert len(trained) == model.training["n_train"], "the run's training images are not where it recorded them"
+    trained = run_training_images(model)
     anomalous = [it.anomalous for it in items]
     candidates = {
         "max": maps.reshape(len(maps), -1).max(axis=1),

@@ -409,14 +409,25 @@ def format_automatic(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _peer_output(out_dir: Path, category: Path, peer: str, name: str, n_images: int):
+    """A peer's ``scores.npy`` or ``maps.npy`` for a category, None if it left none; refused if not one per test image."""
+    import numpy as np
+
+    path = out_dir / category.name / peer / name
+    if not path.is_file():
+        return None
+    values = np.load(path)
+    if len(values) != n_images:
+        raise SystemExit(f"{path}: {len(values)} entries for the {n_images} test images of {category}")
+    return values
+
+
 def paired_comparisons(categories: list[Path], out_dir: Path, peers: list[str]) -> list[dict[str, Any]]:
     """uflow's image AUROC minus each peer's on the same test images, with DeLong's 95 % interval and p-value.
 
     Reads what a run left under ``out_dir`` (uflow's ``metrics.json``, each peer's ``scores.npy``), so it can be
     run again on an earlier run's output (``--compare``) without fitting anything.
     """
-    import numpy as np
-
     from uflow.metrics import paired_auroc_difference
 
     rows = []
@@ -427,12 +438,9 @@ def paired_comparisons(categories: list[Path], out_dir: Path, peers: list[str]) 
         uflow_scores = {Path(i["path"]).resolve(): i["score"] for i in json.loads(metrics_file.read_text())["images"]}
         paths, anomalous, _ = test_set(category)
         for peer in peers:
-            scores_file = out_dir / category.name / peer / "scores.npy"
-            if not scores_file.is_file():
+            peer_scores = _peer_output(out_dir, category, peer, "scores.npy", len(paths))
+            if peer_scores is None:
                 continue
-            peer_scores = np.load(scores_file)
-            if len(peer_scores) != len(paths):
-                raise SystemExit(f"{scores_file}: {len(peer_scores)} scores for the {len(paths)} test images of {category}")
             mine = [uflow_scores[p.resolve()] for p in paths]
             d = paired_auroc_difference(mine, peer_scores, anomalous)
             rows.append({"category": category.name, "peer": peer, "difference": d.difference, "low": d.low, "high": d.high,
@@ -446,8 +454,6 @@ def pixel_comparisons(categories: list[Path], out_dir: Path, peers: list[str], r
     uflow's maps are predicted again from the run it left under ``out_dir`` (as ``uflow evaluate`` makes them,
     at the model's 256 px); each peer's come from its ``maps.npy``.
     """
-    import numpy as np
-
     import uflow
     from uflow.evaluate import model_resolution
     from uflow.metrics import paired_pixel_differences
@@ -464,12 +470,9 @@ def pixel_comparisons(categories: list[Path], out_dir: Path, peers: list[str], r
         resized = (model_resolution(path, model.image_size, square) for path in paths)
         mine = [p.anomaly_map for p in model.iter_predict(resized, segmentation=False)]
         for peer in peers:
-            maps_file = out_dir / category.name / peer / "maps.npy"
-            if not maps_file.is_file():
+            theirs = _peer_output(out_dir, category, peer, "maps.npy", len(paths))
+            if theirs is None:
                 continue
-            theirs = np.load(maps_file)
-            if len(theirs) != len(paths):
-                raise SystemExit(f"{maps_file}: {len(theirs)} maps for the {len(paths)} test images of {category}")
             for metric, d in paired_pixel_differences(mine, list(theirs), masks, resamples=resamples).items():
                 rows.append({"category": category.name, "peer": peer, "metric": metric, "uflow": d.value_a, "peer_value": d.value_b,
                              "difference": d.difference, "low": d.low, "high": d.high, "p_value": d.p_value,

@@ -24,13 +24,12 @@ import torch
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from image_scores import scale_maps, shrunk_per_position  # noqa: E402
+from image_scores import run_training_images, scale_maps, shrunk_per_position  # noqa: E402
 
 import uflow  # noqa: E402
 from uflow.anomaly_map import display_map  # noqa: E402
 from uflow.evaluate import _truth_mask, mvtec_test_set  # noqa: E402
 from uflow.metrics import PixelStatistics  # noqa: E402
-from uflow.train import training_images  # noqa: E402
 
 
 def smoothed(maps: np.ndarray) -> list[np.ndarray]:
@@ -51,10 +50,7 @@ def main() -> None:
         raise SystemExit(f"{args.category}: no masks, no pixel metrics")
     masks = [_truth_mask(it, model.image_size) for it in items]
     per_scale = scale_maps(model, [it.path for it in items])  # (N, L, S, S)
-    held_out = {Path(p).resolve() for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
-    trained = [p for p in training_images(model.training["data"]) if p.resolve() not in held_out]
-    assert len(trained) == model.training["n_train"], "the run's training images are not where it recorded them"
-    trained_per_scale = scale_maps(model, trained)
+    trained_per_scale = scale_maps(model, run_training_images(model))
     candidates = {
         "uflow's map now": per_scale.mean(axis=1),
         "(P1) whole map per position": shrunk_per_position(per_scale.mean(axis=1), trained_per_scale.mean(axis=1)),
