@@ -19,7 +19,9 @@ code; (e) is uflow's score now); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
 flow's alone, per position; (k), (e)'s parts and the map flow's whole
 map per position, the largest; (l) and (m), (e) with each part's top 5 %, or
-its standardised map smoothed by uflow's display blur first. It also prints how much weight (e) gives each
+its standardised map smoothed by uflow's display blur first; (n), (e) with
+each part's map the distance of the latents from each position's mean and
+covariance on the training images (PaDiM's statistic in latent space). It also prints how much weight (e) gives each
 position's own centre, per part (0: global, 1: fully per position). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
@@ -126,6 +128,46 @@ def centre_weight(reference: np.ndarray) -> float:
     return float((between / (between + noise + 1e-12)).mean())
 
 
+@torch.no_grad()
+def latents_per_scale(model: UFlowModel, paths: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The map flow's and the score flow's latents per scale, each (N, C, H, W), each image resized as ``uflow evaluate`` does."""
+    size, square, spec = model.image_size, model.extractor.spec.fixed_image_size, model.extractor.spec
+    map_latents, score_latents = [], []
+    for path in paths:
+        batch = to_model_input(model_resolution(path, size, square), size)[None].to(model.device)
+        map_latents.append([z[0].cpu().numpy() for z in model.latents(batch)])
+        features = model.features(batch)
+        latents, _ = model.score_flow([features[i].float() for i in spec.score_scales])
+        score_latents.append([z[0].cpu().numpy() for z in latents])
+    stack = lambda per_image: [np.stack([image[i] for image in per_image]) for i in range(len(per_image[0]))]
+    return stack(map_latents), stack(score_latents)
+
+
+def mahalanobis_per_position(latents: np.ndarray, trained: np.ndarray, size: int) -> np.ndarray:
+    """Candidate (n): each position's latent vector's Mahalanobis distance (N, size, size) on the input grid.
+
+    Against that position's mean and covariance over the training latents, each shrunk toward the pooled one: the
+    mean with (e)'s James-Stein weight in vector form (the between-position spread of the means beyond tr(cov) / n),
+    the covariance (1 - l) own + l pooled (the mean of the positions' own) with l = d / (n + d), plus 1e-3 I.
+    """
+    n, d, height, width = trained.shape
+    train = torch.from_numpy(trained).double().permute(2, 3, 0, 1).reshape(height * width, n, d)
+    centre = train.mean(dim=1)
+    centred = train - centre[:, None]
+    cov = centred.transpose(1, 2) @ centred / (n - 1)
+    overall = centre.mean(dim=0)
+    noise = cov.diagonal(dim1=1, dim2=2).sum(dim=1) / n
+    between = max(float(((centre - overall) ** 2).sum(dim=1).mean() - noise.mean()), 0.0)
+    centre = overall + (between / (between + noise + 1e-12))[:, None] * (centre - overall)
+    share = d / (n + d)
+    cov = (1 - share) * cov + share * cov.mean(dim=0) + 1e-3 * torch.eye(d, dtype=cov.dtype)
+    factor = torch.linalg.cholesky(cov)
+    x = torch.from_numpy(latents).double().permute(2, 3, 1, 0).reshape(height * width, d, len(latents))
+    whitened = torch.linalg.solve_triangular(factor, x - centre[:, :, None], upper=False)
+    distance = whitened.pow(2).sum(dim=1).sqrt().T.reshape(len(latents), 1, height, width)
+    return torch.nn.functional.interpolate(distance.float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
 def run_training_images(model: UFlowModel) -> list[Path]:
     """The images the run's flows trained on: its data folder's images less the held-out ones it recorded."""
     # The run records held-out images as absolute paths and its data folder as given (perhaps relative).
@@ -218,6 +260,19 @@ def main() -> None:
         candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
         candidates["(l) as (e), each part's top 5 %"] = every_part_per_position(share=0.05)
         candidates["(m) as (e), each part's standardised map smoothed first"] = every_part_per_position(smooth=True)
+        size = model.image_size
+        (test_map, test_score), (stop_map, stop_score), (train_map, train_score) = (
+            latents_per_scale(model, group) for group in ([it.path for it in items], stopping_paths, trained)
+        )
+
+        def latent_part(groups: list[np.ndarray], train: list[np.ndarray]) -> np.ndarray:
+            return np.mean([mahalanobis_per_position(z, t, size) for z, t in zip(groups, train)], axis=0)
+
+        latent_parts = [(latent_part([test_map[i]], [train_map[i]]), latent_part([stop_map[i]], [train_map[i]])) for i in range(len(train_map))]
+        latent_parts.append((latent_part(test_score, train_score), latent_part(stop_score, train_score)))
+        candidates["(n) as (e), each part the latents' Mahalanobis distance per position (shrunk)"] = np.max(
+            [standardised_on(top_mean(test, 0.01), top_mean(stop, 0.01)) for test, stop in latent_parts], axis=0
+        )
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     if model.score_flow is not None:
         row["(e)'s centre weight per part, mean over positions"] = weights

@@ -7,7 +7,9 @@ the map uflow shows now (1 - the mean over map-flow scales of the likelihoods); 
 that map standardised per pixel position by the mean and spread of the run's
 training images' maps there, both shrunk toward the whole map's as the image score's
 per-position step does; (P2) the mean over scales of each scale's map standardised
-per position the same way. The per-position statistics are computed here in NumPy
+per position the same way; (P3) the mean over scales of each scale's latent
+Mahalanobis distance per position (``image_scores.py``'s candidate (n)); (P4) the
+mean over scales of each scale's latent norm. The per-position statistics are computed here in NumPy
 (``image_scores.py``'s), independently of uflow's own. Used to choose the map on
 development sets with masks, never on a set that reports it.
 """
@@ -24,7 +26,7 @@ import torch
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from image_scores import run_training_images, scale_maps, shrunk_per_position  # noqa: E402
+from image_scores import latents_per_scale, mahalanobis_per_position, run_training_images, scale_maps, shrunk_per_position  # noqa: E402
 
 import uflow  # noqa: E402
 from uflow.anomaly_map import display_map  # noqa: E402
@@ -58,6 +60,19 @@ def main() -> None:
             [shrunk_per_position(per_scale[:, i], trained_per_scale[:, i]) for i in range(per_scale.shape[1])], axis=0
         ),
     }
+    test_latents, _ = latents_per_scale(model, [it.path for it in items])
+    trained_latents, _ = latents_per_scale(model, run_training_images(model))
+    size = model.image_size
+    candidates["(P3) mean of the scales' latent Mahalanobis distances per position"] = np.mean(
+        [mahalanobis_per_position(z, t, size) for z, t in zip(test_latents, trained_latents)], axis=0
+    )
+    candidates["(P4) mean of the scales' latent norms"] = np.mean(
+        [
+            torch.nn.functional.interpolate(torch.from_numpy(np.sqrt((z**2).sum(axis=1, keepdims=True))), size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+            for z in test_latents
+        ],
+        axis=0,
+    )
     row: dict = {"run": str(args.run_dir), "category": args.category.name}
     for name, maps in candidates.items():
         pixels = PixelStatistics(smoothed(maps), masks)
