@@ -51,3 +51,10 @@ def plain_shrunk_statistics(maps):
     centre = toward_global(mean, var / n)
     spread = np.sqrt(np.maximum(toward_global(var, 2 * var**2 / (n - 1)), 0.0))
     return centre, np.maximum(spread, 0.1 * spread.mean())
+
+
+def plain_centre_weight(maps):
+    """The mean over positions of the weight each position's own mean gets in :func:`plain_shrunk_statistics`."""
+    local, noise = maps.mean(axis=0), maps.var(axis=0, ddof=1) / len(maps)
+    between = max(local.var() - noise.mean(), 0.0)
+    return float((between / (between + noise + 1e-12)).mean())

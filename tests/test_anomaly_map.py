@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from conftest import plain_shrunk_statistics
+from conftest import plain_centre_weight, plain_shrunk_statistics
 from uflow.anomaly_map import (
+    ALIGNED_WEIGHT,
     SMOOTHING_SIGMA,
     PositionAccumulator,
     PositionStatistics,
@@ -15,6 +16,7 @@ from uflow.anomaly_map import (
     image_score,
     likelihood_map,
     map_and_raw_scores,
+    parts_for,
 )
 
 
@@ -114,6 +116,22 @@ def test_position_statistics_fall_back_to_global_on_noise_and_keep_a_real_patter
     raw = aligned.mean(axis=0)
     assert np.corrcoef(kept.ravel(), pattern.ravel())[0, 1] >= np.corrcoef(raw.ravel(), pattern.ravel())[0, 1] - 1e-3
     assert 0.9 < kept.std() / pattern.std() < 1.1
+
+
+def test_centre_weights_tell_a_stable_pattern_from_noise_and_choose_the_parts():
+    rng = np.random.default_rng(3)
+    noise, _ = _pattern_and_noise(rng, 100, 32, 0.0)
+    faint, _ = _pattern_and_noise(rng, 100, 32, 0.002)
+    aligned, _ = _pattern_and_noise(rng, 100, 32, 0.05)
+    accumulator = PositionAccumulator()
+    accumulator.add([torch.from_numpy(m) for m in (noise, faint, aligned)])
+    weights = accumulator.centre_weights()
+    np.testing.assert_allclose(weights, [plain_centre_weight(m) for m in (noise, faint, aligned)], rtol=1e-9, atol=1e-12)
+    # Computed here: 0.00, 0.10 and 0.96. A pattern 0.002 high under noise of spread 0.05 is mostly noise in a
+    # hundred images' means; one of 0.05 is the aligned case.
+    assert weights[0] < 0.05 and weights[1] < 0.5 < ALIGNED_WEIGHT < weights[2]
+    assert [parts_for(w) for w in weights] == ["scales", "scales", "flows"]
+    assert parts_for(ALIGNED_WEIGHT) == "flows" and parts_for(np.nextafter(ALIGNED_WEIGHT, 0)) == "scales"
 
 
 def test_per_position_parts_are_standardised_before_their_top_percent():

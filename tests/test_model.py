@@ -10,14 +10,14 @@ import torch
 import uflow
 from safetensors.torch import load_file, save_file
 
-from uflow.anomaly_map import display_map, image_score, likelihood_map
+from uflow.anomaly_map import display_map, image_score, likelihood_map, parts_for
 from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from uflow.files import file_sha256
 from uflow.images import read_image
 from uflow.model import POSITION_CENTRES, POSITION_SPREADS, to_model_input
 from uflow.train import training_images
 
-from conftest import SMALL, plain_shrunk_statistics
+from conftest import SMALL, plain_centre_weight, plain_shrunk_statistics
 
 
 def test_fit_writes_a_complete_run_folder(run_dir):
@@ -34,9 +34,12 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert config["score_flow"]["feature_channels"] == [40, 112, 320]
     assert config["score_flow"]["positional"] == config["flow"]["positional"]
     assert 1 <= t["score_flow"]["best_epoch"] <= t["score_flow"]["epochs_run"] <= SMALL["epochs"]
-    # One part of the image score per map-flow scale, then the score flow's.
-    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 4
-    assert config["calibration"]["score_parts"] == "scales"
+    # The parts follow the whole map's centre weight: one per map-flow scale or the whole map, then the score flow's.
+    weight = t["whole_map_centre_weight"]
+    assert 0.0 <= weight <= 1.0
+    assert config["calibration"]["score_parts"] == parts_for(weight)
+    parts = 4 if parts_for(weight) == "scales" else 2
+    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == parts
     assert config["calibration"]["score_per_position"] is True and config["format"] == 3
 
 
@@ -176,7 +179,14 @@ def test_position_statistics_are_the_training_images_shrunk_moments(model, run_d
         features = model.extractor(torch.stack([to_model_input(read_image(p), grid) for p in trained]))
         latents, _ = model.flow(features[:3])
         coarse, _ = model.score_flow(features[1:])
-    parts = [likelihood_map([z], (grid, grid)).double().numpy() for z in latents] + [likelihood_map(coarse, (grid, grid)).double().numpy()]
+    scales = [likelihood_map([z], (grid, grid)).double().numpy() for z in latents]
+    whole = likelihood_map(latents, (grid, grid)).double().numpy()
+    # The whole map's centre weight chose the parts: each scale or the whole map, then the score flow.
+    weight = plain_centre_weight(whole)
+    assert model.training["whole_map_centre_weight"] == pytest.approx(weight, abs=2e-4)
+    parts = scales if parts_for(weight) == "scales" else [whole]
+    parts.append(likelihood_map(coarse, (grid, grid)).double().numpy())
+    assert len(model.score_positions.centres) == len(parts)
     for i, maps in enumerate(parts):
         centre, spread = plain_shrunk_statistics(maps)
         np.testing.assert_allclose(model.score_positions.centres[i].numpy(), centre, atol=1e-4)

@@ -142,3 +142,28 @@ def test_auto_position_races_the_flows_and_only_the_likelier_trains_on(brick):
     assert model.training["best_val_nll"] == leader["best_val_nll"]
     assert leader["epochs_run"] == epochs and leader["stopped"] == "max_epochs"
     assert other["epochs_run"] == race and other["stopped"] == "raced"
+
+
+def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(brick, tmp_path):
+    # Aligned parts as a production line photographs them: the same object in the same place, only the sensor
+    # noise differs. Every position keeps its own level across images, so the whole map's centre weight is
+    # near 1 and the run scores with the two flows' whole maps (uflow.anomaly_map.parts_for).
+    from PIL import Image
+
+    from uflow.anomaly_map import ALIGNED_WEIGHT
+
+    part = np.asarray(Image.open(sorted((brick / "train" / "good").glob("*.png"))[0]).convert("RGB"), dtype=np.float64)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "aligned"
+    folder.mkdir()
+    for i in range(16):
+        noisy = np.clip(part + rng.normal(0.0, 3.0, part.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{i:02d}.png")
+    out = tmp_path / "run"
+    model = uflow.fit(folder, out, **SMALL)
+    assert model.training["whole_map_centre_weight"] >= ALIGNED_WEIGHT
+    assert model.calibration.score_parts == "flows"
+    assert len(model.calibration.score_centres) == len(model.score_positions.centres) == 2  # whole map, score flow
+    reloaded = uflow.load(out, allow_download=False)
+    image = sorted(folder.glob("*.png"))[0]
+    assert reloaded.predict([image])[0].score == pytest.approx(model.predict([image])[0].score, abs=1e-5)

@@ -39,12 +39,15 @@ from .anomaly_map import (
     SCORE_PER_POSITION,
     PositionAccumulator,
     PositionStatistics,
+    ScoreParts,
     chi2_statistics,
     combined_score,
     display_map,
     image_score,
+    likelihood_map,
     map_and_raw_scores,
     part_maps,
+    parts_for,
 )
 from .segmentation import correlation_area
 
@@ -295,8 +298,10 @@ def fit(
 
     # One training image has no spread to standardise by: such a run standardises globally, as runs did before.
     per_position = SCORE_PER_POSITION and len(train_feats) >= 2
-    positions = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size) if per_position else None
-    calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size, positions)
+    parts, positions, whole_weight = SCORE_PARTS, None, None
+    if per_position:
+        parts, positions, whole_weight = _position_statistics(flow, score_flow_model, spec, train_feats, size, dev, batch_size)
+    calibration = _calibrate(flow, score_flow_model, spec, val_feats, size, dev, batch_size, parts, positions)
     del train_feats, val_feats, map_train, map_val
     held_out = [
         _held_out(
@@ -329,6 +334,8 @@ def fit(
             "best_epoch": score_run.best_epoch, "best_val_nll": round(score_run.best_nll, 6), "epochs_run": score_run.epochs_run,
             "stopped": score_run.stopped, "history": score_run.history,
         },
+        # What chose the image score's parts (uflow.anomaly_map.parts_for); None without per-position statistics.
+        "whole_map_centre_weight": None if whole_weight is None else round(whole_weight, 4),
         "seed": seed,
         "lr": lr,
         "batch_size": batch_size,
@@ -510,18 +517,28 @@ class FlowTrainer:
 @torch.no_grad()
 def _position_statistics(
     flow: UFlow, score_flow: UFlow | None, spec: BackboneSpec, feats: FeatureCache, size: int, dev: torch.device, batch_size: int
-) -> PositionStatistics:
-    """Per-position statistics of the image score's parts on the training images (see uflow.anomaly_map).
+) -> tuple[ScoreParts, PositionStatistics, float]:
+    """The image score's parts, their per-position statistics on the training images, and the weight that chose them.
 
     The training images, not the stopping ones: the per-position pattern is what a run must learn, and it is
     the images' (busbars, borders), which the fitted flow reproduces; the stopping images, fewer, then
-    standardise the per-position scores as they do the plain ones.
+    standardise the per-position scores as they do the plain ones. One pass gathers every candidate part
+    (each scale, the whole map, the score flow's map); :func:`uflow.anomaly_map.parts_for` picks the parts
+    from the whole map's centre weight (see there).
     """
     accumulator = PositionAccumulator()
     for start in range(0, len(feats), batch_size):
         z, coarse = flow_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow)
-        accumulator.add(part_maps(z, coarse, (size, size), SCORE_PARTS)[1])
-    return accumulator.statistics()
+        whole, scales = part_maps(z, None, (size, size), "scales")
+        accumulator.add([*scales, whole] + ([] if coarse is None else [likelihood_map(coarse, (size, size))]))
+    n_scales = len(spec.map_scales)
+    whole_weight = accumulator.centre_weights()[n_scales]
+    parts = parts_for(whole_weight)
+    kept = [*range(n_scales)] if parts == "scales" else [n_scales]
+    if score_flow is not None:
+        kept.append(n_scales + 1)
+    statistics = accumulator.statistics()
+    return parts, PositionStatistics(statistics.centres[kept], statistics.spreads[kept]), whole_weight
 
 
 @torch.no_grad()
@@ -533,6 +550,7 @@ def _calibrate(
     size: int,
     dev: torch.device,
     batch_size: int,
+    parts: ScoreParts,
     positions: PositionStatistics | None,
 ) -> Calibration:
     """Image-score standardisation and threshold, display range and the null, from held-out normal images."""
@@ -542,13 +560,13 @@ def _calibrate(
     n = len(val_feats)
     for start in range(0, n, batch_size):
         z, coarse = flow_latents(val_feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow)
-        maps, parts = map_and_raw_scores(z, coarse, (size, size), SCORE_PARTS, positions)
+        maps, raw = map_and_raw_scores(z, coarse, (size, size), parts, positions)
         shown = display_map(maps, (size, size))  # the overlay's colour scale is the smoothed map's
         medians.append(shown.flatten(1).median(dim=1).values.cpu())
         shown_tops.append(image_score(shown).cpu())
         for store, s in zip(stats, chi2_statistics(z)):
             store.append(s.double().cpu())
-        raw_batches.append([part.cpu() for part in parts])
+        raw_batches.append([part.cpu() for part in raw])
     per_part = [torch.cat(column).double() for column in zip(*raw_batches)]
     # Population spread (n, not n - 1), floored at 1 % of the centre: from one or two stopping images the
     # spread can come out near zero, and one part's score would then swamp the others' on noise alone.
@@ -569,7 +587,7 @@ def _calibrate(
     return Calibration(
         score_centres=centres,
         score_spreads=spreads,
-        score_parts=SCORE_PARTS,
+        score_parts=parts,
         score_per_position=positions is not None,
         score_threshold=float(score.max()),
         display_low=low,
