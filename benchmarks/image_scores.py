@@ -15,7 +15,8 @@ mean, the largest of each map-flow scale and the score flow (uflow's score
 before the per-position step), the largest of every scale of both flows, and
 (e) and (f): every part, or the score flow's alone, standardised per position
 with shrinkage first (computed here in NumPy, independently of uflow's own
-code; (e) is uflow's score now); (g) and (h), (e) with the variance or
+code; uflow scores with (e), or with (i) where its whole map's centre weight, printed
+last, is at least 0.8); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
 flow's alone, per position; (k), (e)'s parts and the map flow's whole
 map per position, the largest; (l) and (m), (e) with each part's top 5 %, or
@@ -245,7 +246,7 @@ def main() -> None:
             top_mean(shrunk_per_position(stopping_coarse.mean(axis=1), trained_coarse), 0.01),
         )
         every_part = every_part_per_position()
-        candidates["(e) every part per position (shrunk, training), standardised (uflow's score now)"] = every_part
+        candidates["(e) every part per position (shrunk, training), standardised (uflow's score where not aligned)"] = every_part
         # How far (e) trusts each position's own centre: 0 is a global standardisation, 1 a fully per-position one.
         weights = [round(centre_weight(trained_per_scale[:, i]), 2) for i in range(per_scale.shape[1])]
         weights.append(round(centre_weight(trained_coarse), 2))
@@ -255,7 +256,7 @@ def main() -> None:
         trained_whole = trained_per_scale.mean(axis=1)
         whole_pp = top_mean(shrunk_per_position(maps, trained_whole), 0.01)
         whole_part = standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01))
-        candidates["(i) the two flows' whole maps per position (shrunk), the larger"] = np.maximum(whole_part, coarse_pp)
+        candidates["(i) the two flows' whole maps per position (shrunk), the larger (uflow's score on aligned parts)"] = np.maximum(whole_part, coarse_pp)
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
         candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
         candidates["(l) as (e), each part's top 5 %"] = every_part_per_position(share=0.05)
@@ -276,6 +277,8 @@ def main() -> None:
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     if model.score_flow is not None:
         row["(e)'s centre weight per part, mean over positions"] = weights
+        # What chooses uflow's parts per run (uflow.anomaly_map.parts_for): "flows", i.e. (i), from 0.8 on, else (e).
+        row["the whole map's centre weight"] = round(centre_weight(trained_per_scale.mean(axis=1)), 3)
     print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps(row, indent=2) + "\n")

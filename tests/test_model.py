@@ -10,7 +10,7 @@ import torch
 import uflow
 from safetensors.torch import load_file, save_file
 
-from uflow.anomaly_map import display_map, image_score, likelihood_map, parts_for
+from uflow.anomaly_map import ALIGNED_WEIGHT, display_map, image_score, likelihood_map
 from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from uflow.files import file_sha256
 from uflow.images import read_image
@@ -34,12 +34,11 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert config["score_flow"]["feature_channels"] == [40, 112, 320]
     assert config["score_flow"]["positional"] == config["flow"]["positional"]
     assert 1 <= t["score_flow"]["best_epoch"] <= t["score_flow"]["epochs_run"] <= SMALL["epochs"]
-    # The parts follow the whole map's centre weight: one per map-flow scale or the whole map, then the score flow's.
-    weight = t["whole_map_centre_weight"]
-    assert 0.0 <= weight <= 1.0
-    assert config["calibration"]["score_parts"] == parts_for(weight)
-    parts = 4 if parts_for(weight) == "scales" else 2
-    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == parts
+    # A texture: the whole map's centre weight is under the aligned threshold, so one part per map-flow scale,
+    # then the score flow's (tests/test_train.py fits aligned images, which take the whole maps).
+    assert 0.0 <= t["whole_map_centre_weight"] < ALIGNED_WEIGHT
+    assert config["calibration"]["score_parts"] == "scales"
+    assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 4
     assert config["calibration"]["score_per_position"] is True and config["format"] == 3
 
 
@@ -52,8 +51,8 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert p.anomaly_map.shape == (96, 96) and p.anomaly_map.dtype == np.float32
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
         # Each part's raw score is the mean of the top 1 % of a map on the input grid (before the smoothing of the
-        # map shown at image size), standardised per position first: each map-flow scale's alone, then the score
-        # flow's; the image score is the largest after standardising each by the calibration's centre and spread.
+        # map shown at image size), standardised per position first: each map-flow scale's alone (this texture's
+        # run's parts), then the score flow's; the image score is the largest after standardising each by the calibration's centre and spread.
         # All recomputed here from the backbone's features.
         grid = model.image_size
         with torch.no_grad():
@@ -181,11 +180,9 @@ def test_position_statistics_are_the_training_images_shrunk_moments(model, run_d
         coarse, _ = model.score_flow(features[1:])
     scales = [likelihood_map([z], (grid, grid)).double().numpy() for z in latents]
     whole = likelihood_map(latents, (grid, grid)).double().numpy()
-    # The whole map's centre weight chose the parts: each scale or the whole map, then the score flow.
-    weight = plain_centre_weight(whole)
-    assert model.training["whole_map_centre_weight"] == pytest.approx(weight, abs=2e-4)
-    parts = scales if parts_for(weight) == "scales" else [whole]
-    parts.append(likelihood_map(coarse, (grid, grid)).double().numpy())
+    # The whole map's centre weight, recorded by the run, chose the parts (each scale here, then the score flow).
+    assert model.training["whole_map_centre_weight"] == pytest.approx(plain_centre_weight(whole), abs=2e-4)
+    parts = [*scales, likelihood_map(coarse, (grid, grid)).double().numpy()]
     assert len(model.score_positions.centres) == len(parts)
     for i, maps in enumerate(parts):
         centre, spread = plain_shrunk_statistics(maps)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, plain_centre_weight, plain_shrunk_statistics
 
 import uflow
 import uflow.train
@@ -150,7 +150,9 @@ def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(b
     # near 1 and the run scores with the two flows' whole maps (uflow.anomaly_map.parts_for).
     from PIL import Image
 
-    from uflow.anomaly_map import ALIGNED_WEIGHT
+    from uflow.anomaly_map import ALIGNED_WEIGHT, likelihood_map
+    from uflow.images import read_image
+    from uflow.model import to_model_input
 
     part = np.asarray(Image.open(sorted((brick / "train" / "good").glob("*.png"))[0]).convert("RGB"), dtype=np.float64)
     rng = np.random.default_rng(0)
@@ -163,7 +165,21 @@ def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(b
     model = uflow.fit(folder, out, **SMALL)
     assert model.training["whole_map_centre_weight"] >= ALIGNED_WEIGHT
     assert model.calibration.score_parts == "flows"
-    assert len(model.calibration.score_centres) == len(model.score_positions.centres) == 2  # whole map, score flow
+    assert len(model.calibration.score_centres) == 2
+    # The statistics kept are the whole map's, then the score flow's, as NumPy computes them from the training images.
+    held_out = {Path(p).name for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
+    trained = [p for p in sorted(folder.glob("*.png")) if p.name not in held_out]
+    assert len(trained) == model.training["n_train"]
+    grid = model.image_size
+    with torch.no_grad():
+        features = model.extractor(torch.stack([to_model_input(read_image(p), grid) for p in trained]))
+        latents, _ = model.flow(features[:3])
+        coarse, _ = model.score_flow(features[1:])
+    whole, coarse_map = (likelihood_map(z, (grid, grid)).double().numpy() for z in (latents, coarse))
+    assert plain_centre_weight(whole) >= ALIGNED_WEIGHT
+    assert len(model.score_positions.centres) == 2
+    for kept, maps in zip(model.score_positions.centres, (whole, coarse_map)):
+        np.testing.assert_allclose(kept.numpy(), plain_shrunk_statistics(maps)[0], atol=1e-4)
     reloaded = uflow.load(out, allow_download=False)
     image = sorted(folder.glob("*.png"))[0]
     assert reloaded.predict([image])[0].score == pytest.approx(model.predict([image])[0].score, abs=1e-5)

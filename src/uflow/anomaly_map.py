@@ -4,8 +4,9 @@ Per scale l, p_l = exp(-mean_c z^2 / 2) is the per-pixel likelihood (up to the
 normalising constant) of the latent under N(0, I); the flow's map is
 1 - mean_l p_l after upsampling every p_l to the model's input grid, so it lies
 in [0, 1] with 0 meaning "perfectly normal". The image score is taken from each
-scale's map 1 - p_l alone and from the score flow's map, each standardised per
-pixel position on the training images first; the map a person sees
+scale's map 1 - p_l alone (or, on aligned parts, from the whole map) and from the
+score flow's map, each standardised per pixel position on the training images
+first; the map a person sees
 (and pixel metrics measure) is the flow's map smoothed by a Gaussian, then
 resized to the image.
 """
@@ -67,7 +68,8 @@ def combined_score(scores: Sequence[torch.Tensor], centres: Sequence[float], spr
 
 
 # What the image score's parts are. "scales": each of the map flow's scales alone, then the score flow's
-# map; "flows" (runs before it): the map flow's whole map, then the score flow's. The whole map averages
+# map; "flows": the map flow's whole map, then the score flow's (runs before "scales", and since then runs
+# of aligned parts, see parts_for below). The whole map averages
 # its scales' likelihoods, so a defect that only the finest scale sees is diluted by two scales that see
 # nothing; as its own part, standardised, it counts in full. Chosen on the development sets, the rule
 # fixed in advance (benchmarks/image_scores.py, 2026-12-04, image AUROC "flows" / "scales"): ELPV poly

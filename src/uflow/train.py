@@ -44,7 +44,6 @@ from .anomaly_map import (
     combined_score,
     display_map,
     image_score,
-    likelihood_map,
     map_and_raw_scores,
     part_maps,
     parts_for,
@@ -523,21 +522,19 @@ def _position_statistics(
     The training images, not the stopping ones: the per-position pattern is what a run must learn, and it is
     the images' (busbars, borders), which the fitted flow reproduces; the stopping images, fewer, then
     standardise the per-position scores as they do the plain ones. One pass gathers every candidate part
-    (each scale, the whole map, the score flow's map); :func:`uflow.anomaly_map.parts_for` picks the parts
+    (each scale, the score flow's map, the whole map); :func:`uflow.anomaly_map.parts_for` picks the parts
     from the whole map's centre weight (see there).
     """
     accumulator = PositionAccumulator()
     for start in range(0, len(feats), batch_size):
         z, coarse = flow_latents(feats.batch(slice(start, start + batch_size), dev), spec, flow, score_flow)
-        whole, scales = part_maps(z, None, (size, size), "scales")
-        accumulator.add([*scales, whole] + ([] if coarse is None else [likelihood_map(coarse, (size, size))]))
-    n_scales = len(spec.map_scales)
-    whole_weight = accumulator.centre_weights()[n_scales]
+        whole, maps = part_maps(z, coarse, (size, size), "scales")
+        accumulator.add([*maps, whole])  # each scale, the score flow's map if any, then the whole map
+    statistics, whole_weight = accumulator.statistics(), accumulator.centre_weights()[-1]
+    n_scales, n_parts = len(spec.map_scales), len(statistics.centres)
     parts = parts_for(whole_weight)
-    kept = [*range(n_scales)] if parts == "scales" else [n_scales]
-    if score_flow is not None:
-        kept.append(n_scales + 1)
-    statistics = accumulator.statistics()
+    kept = [*range(n_scales)] if parts == "scales" else [n_parts - 1]
+    kept += range(n_scales, n_parts - 1)  # the score flow's map
     return parts, PositionStatistics(statistics.centres[kept], statistics.spreads[kept]), whole_weight
 
 
