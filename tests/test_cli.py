@@ -39,6 +39,7 @@ def test_fit_then_predict_mirrors_folders_and_writes_results(brick, tmp_path):
     res = uflow_cli("fit", brick, "--out", run, "--image-size", "64", "--epochs", "2", "--quiet", "--no-download")
     assert res.returncode == 0, res.stderr
     assert "best epoch" in res.stdout and (run / "uflow.json").is_file()
+    assert "image score from each scale per position (whole map's centre weight" in res.stdout  # a texture
 
     out = tmp_path / "pred"
     res = uflow_cli("predict", run, brick / "test", "--out", out, "--quiet", "--no-download", "--workers", "1")

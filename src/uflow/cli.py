@@ -283,6 +283,7 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
+    from .anomaly_map import ALIGNED_WEIGHT
     from .train import fit
 
     with warnings.catch_warnings():
@@ -326,6 +327,12 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     if t.get("score_flow"):
         s = t["score_flow"]
         print(f"score flow (coarser scales, for the image score): best epoch {s['best_epoch']}/{s['epochs_run']}, val NLL {s['best_val_nll']:.4f} ({s['stopped']})")
+    if t.get("whole_map_centre_weight") is not None:
+        weight = t["whole_map_centre_weight"]
+        if model.calibration.score_parts == "flows":
+            print(f"image score from the flows' whole maps per position: aligned images (whole map's centre weight {weight:.3f} >= {ALIGNED_WEIGHT})")
+        else:
+            print(f"image score from each scale per position (whole map's centre weight {weight:.3f} < {ALIGNED_WEIGHT}: not aligned images)")
     print(model.calibration.promise.note)
 
 
