@@ -192,7 +192,7 @@ def _shrunk(local: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 # ALIGNED_WEIGHT, else SCORE_PARTS. On aligned parts every scale sees the same busbars and corners, and the
 # largest of the standardised scales is led by the finest, the noisiest there; on photographs and textures the
 # finest scale is what sees small defects, and the whole map dilutes it. Measured on the development sets'
-# training images (benchmarks/image_scores.py and its weights, 2026-12-04): weight 0.958 and 0.941 on
+# training images (benchmarks/image_scores.py prints the weight; 2026-12-05): weight 0.958 and 0.941 on
 # ELPV's mono development set and poly cells, 0.664 and 0.518 on scikit-image's tissue and star field;
 # image AUROC with "flows" per position / "scales" per position: 70.37 / 68.91, 91.83 / 91.26, 86.20 /
 # 90.85, 80.20 / 91.90. The threshold was set after those figures, so they do not test it; the reported

@@ -280,8 +280,8 @@ class Calibration:
     # The false-alarm promise and its verification; None for runs made before it existed.
     promise: Promise | None = None
     # Per part of the image score (uflow.anomaly_map.map_and_raw_scores: each map-flow scale, then the score
-    # flow, or with score_parts "flows" each flow's whole map), the mean and spread of its raw score on the held-out stopping
-    # images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
+    # flow, or with score_parts "flows" each flow's whole map), the mean and spread of its raw score on the
+    # held-out stopping images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
     score_centres: list[float] = field(default_factory=lambda: [0.0])
     score_spreads: list[float] = field(default_factory=lambda: [1.0])
     score_parts: str = "flows"  # uflow.anomaly_map.ScoreParts; "flows" for runs made before it was recorded
