@@ -38,15 +38,19 @@ def model(run_dir):
     return uflow.load(run_dir, allow_download=False)
 
 
+def _plain_weight(local, noise):
+    """Per position, the moment weight of its own estimate: between-position spread beyond noise, over that plus noise."""
+    between = max(local.var() - noise.mean(), 0.0)
+    return between / (between + noise + 1e-12)
+
+
 def plain_shrunk_statistics(maps):
     """Per position, mean and variance pulled toward the global ones, written out for one part (N, H, W) in NumPy."""
     n = len(maps)
     mean, var = maps.mean(axis=0), maps.var(axis=0, ddof=1)
 
     def toward_global(local, noise):
-        between = max(local.var() - noise.mean(), 0.0)
-        weight = between / (between + noise + 1e-12)
-        return local.mean() + weight * (local - local.mean())
+        return local.mean() + _plain_weight(local, noise) * (local - local.mean())
 
     centre = toward_global(mean, var / n)
     spread = np.sqrt(np.maximum(toward_global(var, 2 * var**2 / (n - 1)), 0.0))
@@ -55,6 +59,4 @@ def plain_shrunk_statistics(maps):
 
 def plain_centre_weight(maps):
     """The mean over positions of the weight each position's own mean gets in :func:`plain_shrunk_statistics`."""
-    local, noise = maps.mean(axis=0), maps.var(axis=0, ddof=1) / len(maps)
-    between = max(local.var() - noise.mean(), 0.0)
-    return float((between / (between + noise + 1e-12)).mean())
+    return float(_plain_weight(maps.mean(axis=0), maps.var(axis=0, ddof=1) / len(maps)).mean())

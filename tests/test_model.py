@@ -52,7 +52,8 @@ def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, bric
         assert 0.0 <= p.anomaly_map.min() and p.anomaly_map.max() <= 1.0
         # Each part's raw score is the mean of the top 1 % of a map on the input grid (before the smoothing of the
         # map shown at image size), standardised per position first: each map-flow scale's alone (this texture's
-        # run's parts), then the score flow's; the image score is the largest after standardising each by the calibration's centre and spread.
+        # run's parts), then the score flow's; the image score is the largest after standardising each by the
+        # calibration's centre and spread.
         # All recomputed here from the backbone's features.
         grid = model.image_size
         with torch.no_grad():
