@@ -43,7 +43,7 @@ import uflow
 from uflow.anomaly_map import display_map, likelihood_map
 from uflow.evaluate import mvtec_test_set, model_resolution
 from uflow.metrics import image_auroc
-from uflow.model import UFlowModel, to_model_input
+from uflow.model import UFlowModel, flow_latents, to_model_input
 from uflow.train import training_images
 
 
@@ -136,12 +136,11 @@ def latents_per_scale(model: UFlowModel, paths: list[Path]) -> tuple[list[np.nda
     map_latents, score_latents = [], []
     for path in paths:
         batch = to_model_input(model_resolution(path, size, square), size)[None].to(model.device)
-        map_latents.append([z[0].cpu().numpy() for z in model.latents(batch)])
-        features = model.features(batch)
-        latents, _ = model.score_flow([features[i].float() for i in spec.score_scales])
-        score_latents.append([z[0].cpu().numpy() for z in latents])
-    stack = lambda per_image: [np.stack([image[i] for image in per_image]) for i in range(len(per_image[0]))]
-    return stack(map_latents), stack(score_latents)
+        latents, coarse = flow_latents([f.float() for f in model.features(batch)], spec, model.flow, model.score_flow)
+        map_latents.append([z[0].cpu().numpy() for z in latents])
+        score_latents.append([z[0].cpu().numpy() for z in coarse])
+    # Per scale, the images stacked: (N, C, H, W).
+    return [np.stack(scale) for scale in zip(*map_latents)], [np.stack(scale) for scale in zip(*score_latents)]
 
 
 def mahalanobis_per_position(latents: np.ndarray, trained: np.ndarray, size: int) -> np.ndarray:
