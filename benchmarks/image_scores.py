@@ -22,7 +22,9 @@ flow's alone, per position; (k), (e)'s parts and the map flow's whole
 map per position, the largest; (l) and (m), (e) with each part's top 5 %, or
 its standardised map smoothed by uflow's display blur first; (n), (e) with
 each part's map the distance of the latents from each position's mean and
-covariance on the training images (PaDiM's statistic in latent space). It also prints how much weight (e) gives each
+covariance on the training images (PaDiM's statistic in latent space); (t), the run's
+parts ((e) or (i), as it chose) combined by their mean instead of the largest, and (u),
+that for runs that chose (i) only. It also prints how much weight (e) gives each
 position's own centre, per part (0: global, 1: fully per position). Every image is scored once at the model's resolution,
 as ``uflow evaluate`` does, and each map candidate is computed from the flow's
 unsmoothed map on the input grid (what uflow's score reads), so the differences
@@ -227,7 +229,7 @@ def main() -> None:
         # Per-position parts: each part's maps standardised per position (shrunk) on the training images first.
         trained_per_scale, trained_coarse = scale_maps(model, trained), score_flow_maps(model, trained)
 
-        def every_part_per_position(share: float = 0.01, smooth: bool = False, **shrink: bool) -> np.ndarray:
+        def every_part_per_position(share: float = 0.01, smooth: bool = False, combine=np.max, **shrink: bool) -> np.ndarray:
             parts = [(per_scale[:, i], stopping_per_scale[:, i], trained_per_scale[:, i]) for i in range(per_scale.shape[1])]
             parts.append((coarse, stopping_coarse.mean(axis=1), trained_coarse))
 
@@ -238,7 +240,7 @@ def main() -> None:
                     standard = display_map(torch.from_numpy(standard.astype(np.float32)), (side, side)).numpy()
                 return top_mean(standard, share)
 
-            return np.max([standardised_on(raw(test, trained), raw(stop, trained)) for test, stop, trained in parts], axis=0)
+            return combine([standardised_on(raw(test, trained), raw(stop, trained)) for test, stop, trained in parts], axis=0)
 
         coarse_pp = standardised_on(
             top_mean(shrunk_per_position(coarse, trained_coarse), 0.01),
@@ -257,6 +259,11 @@ def main() -> None:
         whole_part = standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01))
         candidates["(i) the two flows' whole maps per position (shrunk), the larger (uflow's score on aligned parts)"] = np.maximum(whole_part, coarse_pp)
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
+        flows_mean = (whole_part + coarse_pp) / 2
+        candidates["(t) (e) or (i) as the run chose, the parts' mean instead of the largest"] = (
+            flows_mean if centre_weight(trained_whole) >= 0.8 else every_part_per_position(combine=np.mean)
+        )
+        candidates["(u) as (t) for runs that chose (i); (e) unchanged"] = flows_mean if centre_weight(trained_whole) >= 0.8 else every_part
         candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
         candidates["(l) as (e), each part's top 5 %"] = every_part_per_position(share=0.05)
         candidates["(m) as (e), each part's standardised map smoothed first"] = every_part_per_position(smooth=True)

@@ -140,7 +140,8 @@ def test_a_promise_recorded_before_the_confidence_existed_still_loads_and_reads_
     old = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0, promise=recorded).promise
     assert isinstance(old, Promise) and old.confidence is None and old.target_rate == old.rate == pytest.approx(0.05)
     assert old.decision == "region" and old.score_threshold is None
-    assert Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0).score_parts == "flows"  # scored as those runs were
+    before = Calibration(score_threshold=0.5, display_low=0.0, display_high=1.0)
+    assert (before.score_parts, before.score_combination) == ("flows", "largest")  # scored as those runs were
     new = _regions(np.arange(44.0), np.full(40, 10.0), 0.05, "per_size", "calibrated")  # 89.5 % reached, not 90 %
     row = {"anomalous_flagged": 0, "n_anomalous": 0, "normal_flagged": 0, "n_normal": 0, "n_verification": 40, "verification_flagged": 0,
            "false_alarm_verified_upper_95": 0.07}

@@ -11,7 +11,7 @@ import uflow
 from safetensors.torch import load_file, save_file
 
 from uflow.anomaly_map import ALIGNED_WEIGHT, display_map, image_score, likelihood_map
-from uflow.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from uflow.checkpoint import CHECKPOINT_FORMAT, CONFIG_NAME, WEIGHTS_NAME
 from uflow.files import file_sha256
 from uflow.images import read_image
 from uflow.model import POSITION_CENTRES, POSITION_SPREADS, to_model_input
@@ -39,7 +39,8 @@ def test_fit_writes_a_complete_run_folder(run_dir):
     assert 0.0 <= t["whole_map_centre_weight"] < ALIGNED_WEIGHT
     assert config["calibration"]["score_parts"] == "scales"
     assert len(config["calibration"]["score_centres"]) == len(config["calibration"]["score_spreads"]) == 4
-    assert config["calibration"]["score_per_position"] is True and config["format"] == 3
+    assert config["calibration"]["score_combination"] == "largest"  # a small defect one scale sees counts in full
+    assert config["calibration"]["score_per_position"] is True and config["format"] == CHECKPOINT_FORMAT
 
 
 def test_predictions_have_maps_at_image_size_scores_and_segmentation(model, brick):
@@ -227,11 +228,18 @@ def test_a_run_from_before_the_per_scale_parts_scores_as_it_did(run_dir, brick, 
     assert old.predict(image)[0].score == pytest.approx(max((whole - 0.5) / 0.1, (score_flow_part - 0.4) / 0.2), abs=1e-4)
 
 
-@pytest.mark.parametrize(("parts", "centres", "message"), [("pixels", 4, "unknown image score parts 'pixels'"), ("scales", 2, "standardises 2 image score parts")])
-def test_a_calibration_that_does_not_fit_the_model_is_refused(run_dir, tmp_path, parts, centres, message):
+@pytest.mark.parametrize(
+    ("parts", "centres", "combination", "message"),
+    [
+        ("pixels", 4, "largest", "unknown image score parts 'pixels'"),
+        ("scales", 2, "largest", "standardises 2 image score parts"),
+        ("scales", 4, "median", "unknown image score combination 'median'"),
+    ],
+)
+def test_a_calibration_that_does_not_fit_the_model_is_refused(run_dir, tmp_path, parts, centres, combination, message):
     dest = _copy_run(run_dir, tmp_path)
     config = json.loads((dest / CONFIG_NAME).read_text())
-    config["calibration"].update(score_parts=parts, score_centres=[0.5] * centres, score_spreads=[0.1] * centres)
+    config["calibration"].update(score_parts=parts, score_centres=[0.5] * centres, score_spreads=[0.1] * centres, score_combination=combination)
     (dest / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(uflow.UFlowError, match=message):
         uflow.load(dest, allow_download=False)

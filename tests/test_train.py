@@ -166,7 +166,7 @@ def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(b
     out = tmp_path / "run"
     model = uflow.fit(folder, out, **SMALL)
     assert model.training["whole_map_centre_weight"] >= ALIGNED_WEIGHT
-    assert model.calibration.score_parts == "flows"
+    assert (model.calibration.score_parts, model.calibration.score_combination) == ("flows", "mean")
     assert len(model.calibration.score_centres) == 2
     # The statistics kept are the whole map's, then the score flow's, as NumPy computes them from the training images.
     held_out = {Path(p).name for key in ("val_images", "calibration_images", "verification_images") for p in model.training[key]}
@@ -184,6 +184,18 @@ def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(b
         np.testing.assert_allclose(kept.numpy(), plain_shrunk_statistics(maps)[0], atol=1e-4)
     image = np.asarray(Image.open(sorted(folder.glob("*.png"))[0]).convert("RGB"))
     score = model.predict([image])[0].score
+    # The score is the mean of the two parts: each map standardised per position, its top 1 % (655 of 256 x 256
+    # pixels), standardised by the stopping images' centre and spread, written out here in NumPy.
+    with torch.no_grad():
+        features = model.extractor(to_model_input(read_image(sorted(folder.glob("*.png"))[0]), grid)[None])
+        one = [likelihood_map(z, (grid, grid)).double().numpy()[0] for z in (model.flow(features[:3])[0], model.score_flow(features[1:])[0])]
+    standardised = []
+    for m, c, w, centre, spread in zip(one, model.score_positions.centres, model.score_positions.spreads, model.calibration.score_centres, model.calibration.score_spreads):
+        per_position = ((m - c.numpy()) / w.numpy()).ravel()
+        top = np.sort(per_position)[-int(np.ceil(0.01 * per_position.size)):].mean()
+        standardised.append((top - centre) / spread)
+    assert score == pytest.approx(np.mean(standardised), abs=1e-4)
+    assert abs(standardised[0] - standardised[1]) > 1e-3  # the mean and the larger differ here, so the check can fail
     assert uflow.load(out, allow_download=False).predict([image])[0].score == pytest.approx(score, abs=1e-5)
     # The exported graph carries the whole map's statistics as constants and scores the same (1e-4 in raw units).
     exported = OnnxModel.load(export_onnx(model, tmp_path / "m.onnx"))

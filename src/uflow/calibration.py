@@ -281,10 +281,11 @@ class Calibration:
     promise: Promise | None = None
     # Per part of the image score (uflow.anomaly_map.map_and_raw_scores: each map-flow scale, then the score
     # flow, or with score_parts "flows" each flow's whole map), the mean and spread of its raw score on the
-    # held-out stopping images: the image score is the largest standardised one (uflow.anomaly_map.combined_score).
+    # held-out stopping images: the image score combines the standardised ones (uflow.anomaly_map.combined_score).
     score_centres: list[float] = field(default_factory=lambda: [0.0])
     score_spreads: list[float] = field(default_factory=lambda: [1.0])
     score_parts: str = "flows"  # uflow.anomaly_map.ScoreParts; "flows" for runs made before it was recorded
+    score_combination: str = "largest"  # uflow.anomaly_map.ScoreCombination; "largest" for runs made before it was recorded
     # Whether each part's map is standardised per pixel position first (uflow.anomaly_map.PositionStatistics,
     # kept with the weights); False for runs made before it existed.
     score_per_position: bool = False

@@ -20,9 +20,11 @@ from .errors import UFlowError
 from .files import atomic_write_text, file_sha256
 
 # 2: the score flow (its tensors prefixed "score_flow."), Lite backbones tap stride 32; 3: per-position score
-# statistics beside the weights. Format 2 runs still load (they score as they did); an older uflow refuses 3.
-CHECKPOINT_FORMAT = 3
-READABLE_FORMATS = (2, 3)
+# statistics beside the weights; 4: the image score's parts may be averaged (calibration.score_combination).
+# Older formats still load (they score as they did); an older uflow refuses a newer format rather than
+# scoring it differently.
+CHECKPOINT_FORMAT = 4
+READABLE_FORMATS = (2, 3, 4)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "uflow.json"
 

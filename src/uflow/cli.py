@@ -330,7 +330,8 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     if t.get("whole_map_centre_weight") is not None:
         weight = t["whole_map_centre_weight"]
         if model.calibration.score_parts == "flows":
-            print(f"image score from the flows' whole maps per position: aligned images (whole map's centre weight {weight:.3f} >= {ALIGNED_WEIGHT})")
+            combined = "mean" if model.calibration.score_combination == "mean" else "larger"
+            print(f"image score from the {combined} of the flows' whole maps per position: aligned images (whole map's centre weight {weight:.3f} >= {ALIGNED_WEIGHT})")
         else:
             print(f"image score from each scale per position (whole map's centre weight {weight:.3f} < {ALIGNED_WEIGHT}: not aligned images)")
     print(model.calibration.promise.note)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .anomaly_map import PositionStatistics, ScoreParts, chi2_statistics, combined_score, display_map, map_and_raw_scores
+from .anomaly_map import PositionStatistics, ScoreCombination, ScoreParts, chi2_statistics, combined_score, display_map, map_and_raw_scores
 from .backbones import BackboneSpec, FeatureExtractor, WeightsArg, build_feature_extractor, get_spec
 from .checkpoint import read_run, save_run
 from .calibration import Calibration, Null, check_options
@@ -81,7 +81,8 @@ def score_map_latents(
     """
     latents, coarse = flow_latents(features, spec, flow, score_flow)
     flow_map, scores = map_and_raw_scores(latents, coarse, (size, size), calibration.score_parts, positions)
-    return combined_score(scores, calibration.score_centres, calibration.score_spreads), flow_map, latents
+    score = combined_score(scores, calibration.score_centres, calibration.score_spreads, calibration.score_combination)
+    return score, flow_map, latents
 
 
 @dataclass
@@ -342,6 +343,10 @@ def load(
             )
     if calibration.score_parts not in get_args(ScoreParts):
         raise UFlowError(f"{run_dir}: unknown image score parts {calibration.score_parts!r}; this uflow knows {', '.join(get_args(ScoreParts))}")
+    if calibration.score_combination not in get_args(ScoreCombination):
+        raise UFlowError(
+            f"{run_dir}: unknown image score combination {calibration.score_combination!r}; this uflow knows {', '.join(get_args(ScoreCombination))}"
+        )
     parts = (len(spec.map_scales) if calibration.score_parts == "scales" else 1) + (score_config is not None)
     if len(calibration.score_centres) != parts or len(calibration.score_spreads) != parts:
         raise UFlowError(

@@ -41,6 +41,7 @@ from .anomaly_map import (
     PositionStatistics,
     ScoreParts,
     chi2_statistics,
+    combination_for,
     combined_score,
     display_map,
     image_score,
@@ -570,7 +571,8 @@ def _calibrate(
     # (The demo's and ELPV's runs measured spreads of 1.8 % to 18 % of the centre.)
     centres = [float(r.mean()) for r in per_part]
     spreads = [max(float(r.std(correction=0)), 0.01 * abs(c), 1e-6) for r, c in zip(per_part, centres)]
-    score = combined_score([r.float() for r in per_part], centres, spreads)
+    combination = combination_for(parts)
+    score = combined_score([r.float() for r in per_part], centres, spreads, combination)
     low = float(torch.cat(medians).median())
     high = float(torch.cat(shown_tops).max())
     scales, dofs, areas = [], [], []
@@ -585,6 +587,7 @@ def _calibrate(
         score_centres=centres,
         score_spreads=spreads,
         score_parts=parts,
+        score_combination=combination,
         score_per_position=positions is not None,
         score_threshold=float(score.max()),
         display_low=low,
