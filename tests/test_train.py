@@ -1,6 +1,7 @@
 """Training: the feature cache (RAM in full or half precision, or disk), the plateau schedule, the choice of flow by held-out NLL."""
 
 import gc
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -200,3 +201,9 @@ def test_aligned_images_are_scored_by_the_flows_whole_maps_and_the_run_reloads(b
     # The exported graph carries the whole map's statistics as constants and scores the same (1e-4 in raw units).
     exported = OnnxModel.load(export_onnx(model, tmp_path / "m.onnx"))
     assert exported.predict([image])[0].score == pytest.approx(score, abs=1e-4 / min(model.calibration.score_spreads))
+    # The same run as the version before wrote it (format 3, no combination recorded) scores with the larger part.
+    config_path = out / "uflow.json"
+    config = json.loads(config_path.read_text())
+    del config["calibration"]["score_combination"]
+    config_path.write_text(json.dumps(dict(config, format=3)))
+    assert uflow.load(out, allow_download=False).predict([image])[0].score == pytest.approx(max(standardised), abs=1e-4)
