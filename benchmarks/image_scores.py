@@ -15,7 +15,7 @@ mean, the largest of each map-flow scale and the score flow (uflow's score
 before the per-position step), the largest of every scale of both flows, and
 (e) and (f): every part, or the score flow's alone, standardised per position
 with shrinkage first (computed here in NumPy, independently of uflow's own
-code; uflow scores with (e), or with (i) where its whole map's centre weight, printed
+code; uflow scores with (e), or with (u) where its whole map's centre weight, printed
 last, is at least 0.8); (g) and (h), (e) with the variance or
 nothing left unshrunk; (i) and (j), the two flows' whole maps, or the map
 flow's alone, per position; (k), (e)'s parts and the map flow's whole
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import uflow
-from uflow.anomaly_map import display_map, likelihood_map
+from uflow.anomaly_map import ALIGNED_WEIGHT, display_map, likelihood_map
 from uflow.evaluate import mvtec_test_set, model_resolution
 from uflow.metrics import image_auroc
 from uflow.model import UFlowModel, flow_latents, to_model_input
@@ -255,15 +255,17 @@ def main() -> None:
         candidates["(g) as (e), the variance not shrunk"] = every_part_per_position(shrink_variance=False)
         candidates["(h) as (e), nothing shrunk"] = every_part_per_position(shrink_centre=False, shrink_variance=False)
         trained_whole = trained_per_scale.mean(axis=1)
+        whole_weight = centre_weight(trained_whole)  # what chooses uflow's parts (uflow.anomaly_map.parts_for)
+        aligned = whole_weight >= ALIGNED_WEIGHT
         whole_pp = top_mean(shrunk_per_position(maps, trained_whole), 0.01)
         whole_part = standardised_on(whole_pp, top_mean(shrunk_per_position(stopping, trained_whole), 0.01))
-        candidates["(i) the two flows' whole maps per position (shrunk), the larger (uflow's score on aligned parts)"] = np.maximum(whole_part, coarse_pp)
+        candidates["(i) the two flows' whole maps per position (shrunk), the larger (uflow's score on aligned parts before (u))"] = np.maximum(whole_part, coarse_pp)
         candidates["(j) the map flow's whole map per position (shrunk) alone"] = whole_pp
         flows_mean = (whole_part + coarse_pp) / 2
         candidates["(t) (e) or (i) as the run chose, the parts' mean instead of the largest"] = (
-            flows_mean if centre_weight(trained_whole) >= 0.8 else every_part_per_position(combine=np.mean)
+            flows_mean if aligned else every_part_per_position(combine=np.mean)
         )
-        candidates["(u) as (t) for runs that chose (i); (e) unchanged"] = flows_mean if centre_weight(trained_whole) >= 0.8 else every_part
+        candidates["(u) as (t) for runs that chose (i); (e) unchanged (uflow's score)"] = flows_mean if aligned else every_part
         candidates["(k) (e)'s parts and the map flow's whole map per position, the largest"] = np.maximum(every_part, whole_part)
         candidates["(l) as (e), each part's top 5 %"] = every_part_per_position(share=0.05)
         candidates["(m) as (e), each part's standardised map smoothed first"] = every_part_per_position(smooth=True)
@@ -283,8 +285,8 @@ def main() -> None:
     row = {"run": str(args.run_dir), "category": args.category.name, **{k: round(100 * image_auroc(v, anomalous), 2) for k, v in candidates.items()}}
     if model.score_flow is not None:
         row["(e)'s centre weight per part, mean over positions"] = weights
-        # What chooses uflow's parts per run (uflow.anomaly_map.parts_for): "flows", i.e. (i), from 0.8 on, else (e).
-        row["the whole map's centre weight"] = round(centre_weight(trained_per_scale.mean(axis=1)), 3)
+        # "flows", i.e. (i) (or (u) since the aligned runs' mean), from ALIGNED_WEIGHT on, else (e).
+        row["the whole map's centre weight"] = round(whole_weight, 3)
     print(json.dumps(row))
     if args.json:
         args.json.write_text(json.dumps(row, indent=2) + "\n")
